@@ -1,0 +1,48 @@
+"""JSON-lines logging on stderr (stdlib logging, one formatter).
+
+Modules use ``log = logging.getLogger(__name__)`` and pass structured fields
+with ``log.info("event", extra={"fields": {...}})``. Secrets and whole tokens
+are never passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup(level: str = "info") -> None:
+    """Route every logger to one JSON handler on stderr at ``level``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Third-party chatter stays at warning unless we debug.
+    for noisy in ("pymongo", "aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """``extra=`` for a structured log line: ``log.info("x", extra=fields(a=1))``."""
+    return {"fields": values}

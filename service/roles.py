@@ -1,0 +1,34 @@
+"""Roles and their order: superadmin > admin > staff. Pure."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Role(enum.IntEnum):
+    """A user's role; the integer value is the rank (and the proto enum number)."""
+
+    STAFF = 1
+    ADMIN = 2
+    SUPERADMIN = 3
+
+    @property
+    def wire(self) -> str:
+        """The name stored in MongoDB and in Clerk ``public_metadata.role``."""
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: object) -> Role | None:
+        """The role named ``value`` (``"admin"``), or None when it is not a known role."""
+        if isinstance(value, str):
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                return None
+        return None
+
+    def at_least(self, minimum: Role) -> bool:
+        return self >= minimum
+
+
+DEFAULT_ROLE = Role.STAFF
