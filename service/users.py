@@ -1,0 +1,267 @@
+"""UserStore: every read and write of ``users``, ``webhook_events`` and ``role_changes``.
+
+Each delivery rule of the design is one atomic, conditional database
+operation, so several sidecar replicas can write at once without
+read-then-write races. Writes use the durable write concern (journaled, or
+majority on a replica set): a 2xx is only answered after it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, ReturnDocument, WriteConcern
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from service.clerk import UserProfile
+from service.errors import DatabaseUnavailable
+from service.logs import fields
+from service.roles import DEFAULT_ROLE, Role
+from service.settings import DeleteMode
+
+log = logging.getLogger(__name__)
+
+Document = dict[str, Any]
+LEDGER_TTL = timedelta(days=7)
+
+
+class Outcome(enum.StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    IGNORED = "ignored"
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    external_id: str
+    name: str
+    email: str | None
+    role: Role
+    is_active: bool
+    created_at: datetime | None
+    updated_at: datetime | None
+    last_login_at: datetime | None
+    deleted_at: datetime | None
+
+    @classmethod
+    def from_document(cls, doc: Document) -> UserRecord:
+        return cls(
+            external_id=doc["externalId"],
+            name=doc.get("name") or "",
+            email=doc.get("email"),
+            role=Role.parse(doc.get("role")) or DEFAULT_ROLE,
+            is_active=bool(doc.get("isActive")),
+            created_at=doc.get("createdAt"),
+            updated_at=doc.get("updatedAt"),
+            last_login_at=doc.get("lastLoginAt"),
+            deleted_at=doc.get("deletedAt"),
+        )
+
+
+def _now() -> datetime:
+    # BSON dates hold milliseconds; truncate so what we return equals what is stored.
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+@contextlib.asynccontextmanager
+async def _translate() -> AsyncIterator[None]:
+    """Database failures become :class:`DatabaseUnavailable` (503 / UNAVAILABLE)."""
+    try:
+        yield
+    except DuplicateKeyError:
+        raise
+    except PyMongoError as exc:
+        log.warning("database error", extra=fields(error=type(exc).__name__, detail=str(exc)[:300]))
+        raise DatabaseUnavailable("database unavailable") from exc
+
+
+def _live(external_id: str) -> Document:
+    """Filter: this user, not deleted (a delete is terminal)."""
+    return {"externalId": external_id, "deletedAt": {"$exists": False}}
+
+
+class UserStore:
+    """All persistence of authsvc, over one ``AsyncDatabase``."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        *,
+        write_concern: WriteConcern,
+        delete_mode: DeleteMode = "soft",
+    ) -> None:
+        self._db = db
+        self._delete_mode = delete_mode
+        self.users: AsyncCollection[Document] = db.get_collection("users", write_concern=write_concern)
+        self.events: AsyncCollection[Document] = db.get_collection("webhook_events", write_concern=write_concern)
+        self.role_changes: AsyncCollection[Document] = db.get_collection(
+            "role_changes", write_concern=write_concern
+        )
+
+    async def ensure_indexes(self) -> None:
+        async with _translate():
+            await self.users.create_index([("externalId", ASCENDING)], unique=True, name="byExternalId")
+            await self.users.create_index(
+                [("role", ASCENDING), ("isActive", ASCENDING)], name="byRoleActive"
+            )
+            await self.events.create_index(
+                [("receivedAt", ASCENDING)],
+                expireAfterSeconds=int(LEDGER_TTL.total_seconds()),
+                name="ledgerTtl",
+            )
+            await self.role_changes.create_index([("externalId", ASCENDING), ("at", ASCENDING)], name="byUser")
+
+    async def ping(self) -> bool:
+        try:
+            await self._db.command("ping")
+            return True
+        except PyMongoError:
+            return False
+
+    # --- the dedupe ledger ---------------------------------------------------
+    async def seen(self, svix_id: str) -> bool:
+        """True when this delivery was already processed."""
+        async with _translate():
+            return await self.events.find_one({"_id": svix_id}, {"_id": 1}) is not None
+
+    async def record_delivery(self, svix_id: str, event_type: str, external_id: str | None, outcome: Outcome) -> bool:
+        """Write the ledger entry, after the effect. False when another delivery recorded it first."""
+        entry = {
+            "_id": svix_id,
+            "type": event_type,
+            "externalId": external_id,
+            "outcome": outcome.value,
+            "receivedAt": _now(),
+        }
+        async with _translate():
+            try:
+                await self.events.insert_one(entry)
+            except DuplicateKeyError:
+                return False
+        return True
+
+    # --- Clerk events --------------------------------------------------------
+    async def upsert_from_clerk(self, profile: UserProfile) -> Outcome:
+        """Apply a ``user.created``/``user.updated`` unless it is older than what is stored.
+
+        One conditional upsert: it matches a live user whose ``clerkUpdatedAt``
+        is not newer. A duplicate-key error means the user exists but did not
+        match (newer state, or deleted) or another writer inserted first:
+        retry once as a plain conditional update; ``stale`` if that matches nothing.
+        """
+        now = _now()
+        query = {
+            **_live(profile.external_id),
+            "$or": [
+                {"clerkUpdatedAt": {"$exists": False}},
+                {"clerkUpdatedAt": {"$lte": profile.clerk_updated_at}},
+            ],
+        }
+        update = {
+            "$set": {
+                "name": profile.name,
+                "email": profile.email,
+                "role": profile.role.wire,
+                "isActive": profile.is_active,
+                "clerkUpdatedAt": profile.clerk_updated_at,
+                "updatedAt": now,
+            },
+            "$setOnInsert": {"createdAt": now},
+        }
+        projection = {"role": 1}
+        async with _translate():
+            try:
+                before = await self.users.find_one_and_update(
+                    query, update, projection=projection, upsert=True, return_document=ReturnDocument.BEFORE
+                )
+                inserted = before is None
+            except DuplicateKeyError:
+                before = await self.users.find_one_and_update(
+                    query, update, projection=projection, return_document=ReturnDocument.BEFORE
+                )
+                if before is None:
+                    return Outcome.STALE
+                inserted = False
+        if not inserted and before is not None and before.get("role") != profile.role.wire:
+            await self._audit(profile.external_id, before.get("role"), profile.role.wire, by="clerk", via="webhook")
+        return Outcome.APPLIED
+
+    async def delete(self, external_id: str) -> Outcome:
+        """Apply ``user.deleted``: terminal. Before any create it leaves a tombstone."""
+        now = _now()
+        update: Document = {
+            "$set": {"isActive": False, "deletedAt": now, "updatedAt": now},
+            "$setOnInsert": {"createdAt": now},
+        }
+        if self._delete_mode == "hard":
+            update["$unset"] = {"name": "", "email": ""}
+        async with _translate():
+            try:
+                await self.users.update_one(_live(external_id), update, upsert=True)
+            except DuplicateKeyError:
+                return Outcome.STALE  # already deleted
+        return Outcome.APPLIED
+
+    async def record_login(self, external_id: str, at: datetime) -> Outcome:
+        """``lastLoginAt`` becomes the newer of the stored value and ``at``; unknown users are ignored."""
+        query = {
+            **_live(external_id),
+            "name": {"$exists": True},
+            "$or": [{"lastLoginAt": {"$exists": False}}, {"lastLoginAt": None}, {"lastLoginAt": {"$lt": at}}],
+        }
+        async with _translate():
+            result = await self.users.update_one(query, {"$set": {"lastLoginAt": at, "updatedAt": _now()}})
+            if result.matched_count:
+                return Outcome.APPLIED
+            exists = await self.users.find_one({**_live(external_id), "name": {"$exists": True}}, {"_id": 1})
+        return Outcome.STALE if exists else Outcome.IGNORED
+
+    # --- reads ---------------------------------------------------------------
+    async def get(self, external_id: str) -> UserRecord | None:
+        """The synced user, or None when unknown or only a tombstone (never created, or hard-deleted)."""
+        async with _translate():
+            doc = await self.users.find_one({"externalId": external_id, "name": {"$exists": True}})
+        return UserRecord.from_document(doc) if doc else None
+
+    # --- roles -----------------------------------------------------------------
+    async def set_role(self, external_id: str, role: Role, *, by: str, via: str = "grpc") -> UserRecord | None:
+        """Set the role of a live user and audit the change. None when there is no such live user.
+
+        Demoting a superadmin only matches while another active superadmin
+        exists; :meth:`count_other_superadmins` tells the caller why it did not.
+        """
+        query: Document = {**_live(external_id), "name": {"$exists": True}}
+        async with _translate():
+            before = await self.users.find_one_and_update(
+                query,
+                {"$set": {"role": role.wire, "updatedAt": _now()}},
+                return_document=ReturnDocument.BEFORE,
+            )
+        if before is None:
+            return None
+        if before.get("role") != role.wire:
+            await self._audit(external_id, before.get("role"), role.wire, by=by, via=via)
+        return UserRecord.from_document({**before, "role": role.wire})
+
+    async def active_superadmins(self, limit: int = 2) -> list[str]:
+        """External ids of active superadmins (at most ``limit``)."""
+        query = {"role": Role.SUPERADMIN.wire, "isActive": True, "deletedAt": {"$exists": False}}
+        async with _translate():
+            cursor = self.users.find(query, {"externalId": 1}).limit(limit)
+            return [doc["externalId"] async for doc in cursor]
+
+    async def _audit(self, external_id: str, old: object, new: str, *, by: str, via: str) -> None:
+        record = {"externalId": external_id, "from": old, "to": new, "by": by, "at": _now(), "via": via}
+        async with _translate():
+            await self.role_changes.insert_one(record)
+        log.info("role changed", extra=fields(externalId=external_id, role_from=old, role_to=new, by=by, via=via))

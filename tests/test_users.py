@@ -1,0 +1,92 @@
+"""The user store against a real database: each delivery rule as one atomic operation."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from service.clerk import UserProfile
+from service.roles import Role
+from service.users import Outcome, UserStore
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def profile(uid: str = "user_1", *, at: datetime = T0, name: str = "Ada Lovelace", role: Role = Role.STAFF,
+            active: bool = True) -> UserProfile:
+    return UserProfile(external_id=uid, name=name, email=f"{uid}@example.com", role=role, is_active=active,
+                       clerk_updated_at=at)
+
+
+async def test_upsert_creates_then_updates(store: UserStore) -> None:
+    assert await store.upsert_from_clerk(profile()) is Outcome.APPLIED
+    first = await store.get("user_1")
+    assert first is not None and first.name == "Ada Lovelace" and first.role is Role.STAFF
+    assert await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1), name="Augusta", role=Role.ADMIN)) \
+        is Outcome.APPLIED
+    second = await store.get("user_1")
+    assert second is not None and second.name == "Augusta" and second.role is Role.ADMIN
+    assert second.created_at == first.created_at
+    assert await store.users.count_documents({}) == 1
+
+
+async def test_older_update_never_overwrites_newer(store: UserStore) -> None:
+    await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=5), name="New"))
+    assert await store.upsert_from_clerk(profile(at=T0, name="Old")) is Outcome.STALE
+    user = await store.get("user_1")
+    assert user is not None and user.name == "New"
+
+
+async def test_equal_updated_at_applies_again(store: UserStore) -> None:
+    await store.upsert_from_clerk(profile(name="Same"))
+    assert await store.upsert_from_clerk(profile(name="Same")) is Outcome.APPLIED
+
+
+async def test_concurrent_creates_of_one_user_leave_one_document(store: UserStore) -> None:
+    results = await asyncio.gather(*[store.upsert_from_clerk(profile(at=T0 + timedelta(milliseconds=ms))) for ms in range(20)])
+    assert all(r in (Outcome.APPLIED, Outcome.STALE) for r in results)
+    assert await store.users.count_documents({"externalId": "user_1"}) == 1
+    user = await store.users.find_one({"externalId": "user_1"})
+    assert user is not None and user["clerkUpdatedAt"] == T0 + timedelta(milliseconds=19)
+
+
+async def test_delete_is_terminal(store: UserStore) -> None:
+    await store.upsert_from_clerk(profile())
+    assert await store.delete("user_1") is Outcome.APPLIED
+    assert await store.delete("user_1") is Outcome.STALE
+    assert await store.upsert_from_clerk(profile(at=T0 + timedelta(days=1))) is Outcome.STALE
+    user = await store.get("user_1")
+    assert user is not None and not user.is_active and user.deleted_at is not None
+
+
+async def test_delete_before_create_leaves_tombstone(store: UserStore) -> None:
+    assert await store.delete("user_9") is Outcome.APPLIED
+    assert await store.get("user_9") is None
+    assert await store.upsert_from_clerk(profile("user_9")) is Outcome.STALE
+    doc = await store.users.find_one({"externalId": "user_9"})
+    assert doc is not None and doc["isActive"] is False and "name" not in doc
+
+
+async def test_login_moves_only_forward_and_ignores_unknown(store: UserStore) -> None:
+    await store.upsert_from_clerk(profile())
+    assert await store.record_login("user_1", T0 + timedelta(hours=2)) is Outcome.APPLIED
+    assert await store.record_login("user_1", T0 + timedelta(hours=1)) is Outcome.STALE
+    user = await store.get("user_1")
+    assert user is not None and user.last_login_at == T0 + timedelta(hours=2)
+    assert await store.record_login("user_unknown", T0) is Outcome.IGNORED
+    assert await store.users.count_documents({"externalId": "user_unknown"}) == 0
+
+
+async def test_ledger_records_once(store: UserStore) -> None:
+    assert not await store.seen("msg_1")
+    assert await store.record_delivery("msg_1", "user.created", "user_1", Outcome.APPLIED)
+    assert not await store.record_delivery("msg_1", "user.created", "user_1", Outcome.APPLIED)
+    assert await store.seen("msg_1")
+
+
+async def test_role_change_from_clerk_is_audited(store: UserStore) -> None:
+    await store.upsert_from_clerk(profile(role=Role.STAFF))
+    await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1), role=Role.ADMIN))
+    await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1), role=Role.ADMIN))
+    audits = [doc async for doc in store.role_changes.find({"externalId": "user_1"})]
+    assert [(a["from"], a["to"], a["via"]) for a in audits] == [("staff", "admin", "webhook")]

@@ -1,0 +1,80 @@
+"""The aiohttp application of the webhook sidecar: routes and the delivery handler."""
+
+from __future__ import annotations
+
+import logging
+import time
+from http import HTTPStatus
+
+from aiohttp import web
+
+from service.clerk import parse_event
+from service.errors import AuthError, PayloadTooLarge, status_of
+from service.logs import fields
+from service.settings import Settings
+from service.users import UserStore
+from webhook.deliveries import apply, plan
+from webhook.signatures import SignatureVerifier, header
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024  # 1 MiB
+
+STORE = web.AppKey("store", UserStore)
+VERIFIER = web.AppKey("verifier", SignatureVerifier)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, refused with :class:`PayloadTooLarge` past :data:`MAX_BODY`."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge("body over 1 MiB")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge("body over 1 MiB") from exc
+
+
+async def receive(request: web.Request) -> web.Response:
+    """POST the webhook path: verify, validate, apply; answer per the design's table."""
+    started = time.perf_counter()
+    line = {"svix_id": header(request.headers, "id"), "type": None, "externalId": None}
+    try:
+        body = await read_body(request)
+        svix_id = request.app[VERIFIER].verify(body, request.headers)
+        delivery = plan(svix_id, parse_event(body))
+        line.update(type=delivery.type, externalId=delivery.external_id)
+        outcome = await apply(request.app[STORE], delivery)
+        status, payload = HTTPStatus.OK, {"status": outcome.value}
+        line["outcome"] = outcome.value
+    except AuthError as exc:
+        status = status_of(exc)[1]
+        payload = {"error": str(exc)}
+        line.update(outcome="rejected", reason=exc.reason, error=str(exc))
+    except Exception:
+        log.exception("webhook delivery failed", extra=fields(**line))
+        status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+        line["outcome"] = "error"
+    line.update(status=int(status), duration_ms=round((time.perf_counter() - started) * 1000, 2))
+    log.info("webhook delivery", extra=fields(**line))
+    return web.json_response(payload, status=status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if await request.app[STORE].ping():
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "database unavailable"}, status=HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+def create_app(settings: Settings, store: UserStore) -> web.Application:
+    """The sidecar's application; the caller owns ``store`` (and closes it)."""
+    app = web.Application(client_max_size=MAX_BODY)
+    app[STORE] = store
+    app[VERIFIER] = SignatureVerifier(settings.webhook_secrets)
+    app.router.add_post(settings.webhook_path, receive)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,64 @@
+"""One Clerk delivery: validate the event, then apply it through the store exactly once.
+
+The ledger entry is written after the effect. A crash between the two leaves
+a retry that applies again, which the store's conditional writes make
+harmless; a delivery that loses the race to record its ledger entry reports
+``duplicate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from service.clerk import USER_EVENTS, ClerkEvent, login_from_event, profile_from_event, require_id
+from service.users import Outcome, UserStore
+
+Effect = Callable[[UserStore], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A validated event, ready to apply: what it is about and the one store call that applies it."""
+
+    svix_id: str
+    type: str
+    external_id: str | None
+    effect: Effect | None  # None: a type we ignore
+
+
+def plan(svix_id: str, event: ClerkEvent) -> Delivery:
+    """Validate ``event`` (raises :class:`service.errors.InvalidEvent`) and pick its store call."""
+    effect: Effect | None = None
+    external_id: str | None = event.subject_id
+    if event.type in USER_EVENTS:
+        profile = profile_from_event(event)
+        external_id = profile.external_id
+
+        async def effect(store: UserStore) -> Outcome:
+            return await store.upsert_from_clerk(profile)
+
+    elif event.type == "user.deleted":
+        deleted_id = external_id = require_id(event.data)
+
+        async def effect(store: UserStore) -> Outcome:
+            return await store.delete(deleted_id)
+
+    elif event.type == "session.created":
+        user_id, at = login_from_event(event)
+        external_id = user_id
+
+        async def effect(store: UserStore) -> Outcome:
+            return await store.record_login(user_id, at)
+
+    return Delivery(svix_id=svix_id, type=event.type, external_id=external_id, effect=effect)
+
+
+async def apply(store: UserStore, delivery: Delivery) -> Outcome:
+    """Apply ``delivery`` once: ``duplicate`` if its svix-id is already in the ledger."""
+    if await store.seen(delivery.svix_id):
+        return Outcome.DUPLICATE
+    outcome = Outcome.IGNORED if delivery.effect is None else await delivery.effect(store)
+    if not await store.record_delivery(delivery.svix_id, delivery.type, delivery.external_id, outcome):
+        return Outcome.DUPLICATE
+    return outcome
