@@ -120,8 +120,16 @@ class EmbeddedMongo:
         )
 
     async def _answers(self) -> bool:
+        # Wait for the port with a plain TCP connect first: a driver handshake
+        # against a server still starting up can time out and strand its socket.
+        try:
+            _, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
         client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
-            self.uri, serverSelectionTimeoutMS=300, connectTimeoutMS=300
+            self.uri, serverSelectionTimeoutMS=10_000, connectTimeoutMS=10_000
         )
         try:
             await client.admin.command("ping")

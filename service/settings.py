@@ -114,9 +114,9 @@ def check_webhook_secret(secret: str) -> str | None:
     """Return a problem description for a malformed ``whsec_`` secret, else None."""
     if not secret.startswith("whsec_"):
         return "must start with 'whsec_'"
-    body = secret[len("whsec_") :]
+    body = secret[len("whsec_") :].rstrip("=")
     try:
-        decoded = base64.b64decode(body + "==", validate=True)
+        decoded = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
     except (binascii.Error, ValueError):
         return "is not valid base64 after 'whsec_'"
     if len(decoded) < 16:

@@ -1,0 +1,65 @@
+"""Clerk payload mapping: pure."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from service.clerk import login_from_event, parse_event, profile_from_event
+from service.errors import InvalidEvent
+from service.roles import Role
+from tests.sidecar import fixture
+
+
+def event_of(name: str, **data: object):  # type: ignore[no-untyped-def]
+    return parse_event(json.dumps(fixture(name, **data)).encode())
+
+
+def test_user_created_fixture_maps_to_profile() -> None:
+    profile = profile_from_event(event_of("user.created"))
+    assert profile.external_id == "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"
+    assert profile.name == "Ada Lovelace"
+    assert profile.email == "ada@analytical.example"
+    assert profile.role is Role.ADMIN
+    assert profile.is_active is True
+    assert profile.clerk_updated_at == datetime.fromtimestamp(1764062100, tz=UTC)
+
+
+def test_primary_email_missing_falls_back_to_first() -> None:
+    profile = profile_from_event(event_of("user.created", primary_email_address_id="idn_gone"))
+    assert profile.email == "ada@old.example"
+
+
+def test_clerk_external_id_is_not_ours() -> None:
+    profile = profile_from_event(event_of("user.created", external_id="legacy-42"))
+    assert profile.external_id == "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"
+
+
+def test_unknown_role_is_staff_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    profile = profile_from_event(event_of("user.created", public_metadata={"role": "root"}))
+    assert profile.role is Role.STAFF
+    assert any("unknown role" in r.getMessage() for r in caplog.records)
+
+
+def test_session_login_time_prefers_created_at_then_envelope() -> None:
+    user_id, at = login_from_event(event_of("session.created"))
+    assert user_id == "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"
+    assert at == datetime.fromtimestamp(1764063400, tz=UTC)
+    body = fixture("session.created")
+    del body["data"]["created_at"]
+    _, at2 = login_from_event(parse_event(json.dumps(body).encode()))
+    assert at2 == datetime.fromtimestamp(1764063400.3, tz=UTC)
+
+
+@pytest.mark.parametrize("data", [{"banned": "yes"}, {"first_name": 7}, {"public_metadata": "admin"},
+                                  {"updated_at": -5}, {"updated_at": True}, {"id": ""}])
+def test_wrong_types_are_invalid_events(data: dict[str, object]) -> None:
+    with pytest.raises(InvalidEvent):
+        profile_from_event(event_of("user.created", **data))
+
+
+def test_non_utf8_body_is_invalid() -> None:
+    with pytest.raises(InvalidEvent):
+        parse_event(b"\xff\xfe{}")

@@ -1,0 +1,432 @@
+"""The webhook sidecar end to end: signed Clerk events over HTTP into a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from service.database import Database
+from service.embedded import EmbeddedMongo
+from service.runtime import start_webhook
+from service.settings import Settings
+from service.users import UserStore
+from tests.conftest import WEBHOOK_SECRET, open_test_database, subprocess_env
+from tests.sidecar import Sender, SidecarProcess, fixture
+
+UID = "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"
+OTHER_SECRET = "whsec_" + base64.b64encode(b"another-secret-of-32-bytes-long!").decode()
+
+
+def ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def at_ms(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+async def serve(settings: Settings, store: UserStore) -> AsyncIterator[Sender]:
+    runner, port = await start_webhook(settings, store)
+    async with aiohttp.ClientSession() as session:
+        yield Sender(session, f"http://127.0.0.1:{port}{settings.webhook_path}", WEBHOOK_SECRET)
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sender(settings: Settings, store: UserStore) -> AsyncIterator[Sender]:
+    async for s in serve(settings, store):
+        yield s
+
+
+async def user_doc(store: UserStore, uid: str = UID) -> dict[str, object] | None:
+    return await store.users.find_one({"externalId": uid}, {"_id": 0})
+
+
+# --- the happy path, field by field ----------------------------------------------------------
+async def test_created_updated_deleted_field_by_field(sender: Sender, store: UserStore) -> None:
+    created = fixture("user.created")
+    assert await sender.post(created) == (200, {"status": "applied"})
+    doc = await user_doc(store)
+    assert doc is not None
+    assert doc["name"] == "Ada Lovelace"
+    assert doc["email"] == "ada@analytical.example"  # the primary, not the first address
+    assert doc["role"] == "admin"
+    assert doc["isActive"] is True
+    assert doc["clerkUpdatedAt"] == at_ms(created["data"]["updated_at"])
+    assert doc["createdAt"] == doc["updatedAt"]
+    assert "deletedAt" not in doc and "lastLoginAt" not in doc
+
+    updated = fixture("user.updated")
+    assert await sender.post(updated) == (200, {"status": "applied"})
+    doc2 = await user_doc(store)
+    assert doc2 is not None
+    assert doc2["name"] == "Augusta Lovelace"
+    assert doc2["role"] == "superadmin"
+    assert doc2["clerkUpdatedAt"] == at_ms(updated["data"]["updated_at"])
+    assert doc2["createdAt"] == doc["createdAt"]
+    assert doc2["updatedAt"] >= doc["updatedAt"]  # type: ignore[operator]
+
+    assert await sender.post(fixture("user.deleted")) == (200, {"status": "applied"})
+    doc3 = await user_doc(store)
+    assert doc3 is not None
+    assert doc3["isActive"] is False
+    assert isinstance(doc3["deletedAt"], datetime)
+    assert doc3["name"] == "Augusta Lovelace"  # soft mode keeps the profile
+    assert await store.users.count_documents({}) == 1
+
+
+async def test_name_falls_back_to_username_then_user(sender: Sender, store: UserStore) -> None:
+    await sender.post(fixture("user.created", id="user_a", first_name=None, last_name="  ", username="ada"))
+    await sender.post(fixture("user.created", id="user_b", first_name=None, last_name=None, username=None,
+                              email_addresses=[], primary_email_address_id=None))
+    a, b = await user_doc(store, "user_a"), await user_doc(store, "user_b")
+    assert a is not None and a["name"] == "ada"
+    assert b is not None and b["name"] == "User" and b["email"] is None
+
+
+async def test_banned_or_locked_user_is_inactive(sender: Sender, store: UserStore) -> None:
+    await sender.post(fixture("user.created", id="user_banned", banned=True))
+    await sender.post(fixture("user.created", id="user_locked", locked=True))
+    for uid in ("user_banned", "user_locked"):
+        doc = await user_doc(store, uid)
+        assert doc is not None and doc["isActive"] is False
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"role": "superadmin"}, "superadmin"),
+        ({"role": "admin"}, "admin"),
+        ({"role": "staff"}, "staff"),
+        ({}, "staff"),
+        (None, "staff"),
+        ({"role": "owner"}, "staff"),
+        ({"role": 3}, "staff"),
+    ],
+)
+async def test_role_from_public_metadata(sender: Sender, store: UserStore, metadata: object, expected: str) -> None:
+    assert (await sender.post(fixture("user.created", public_metadata=metadata)))[0] == 200
+    doc = await user_doc(store)
+    assert doc is not None and doc["role"] == expected
+
+
+# --- at-least-once, unordered -------------------------------------------------------------------
+async def test_same_svix_id_twice_applies_once(sender: Sender, store: UserStore) -> None:
+    event = fixture("user.created")
+    assert await sender.post(event, msg_id="msg_dup") == (200, {"status": "applied"})
+    first = await user_doc(store)
+    assert await sender.post(event, msg_id="msg_dup") == (200, {"status": "duplicate"})
+    assert await user_doc(store) == first  # not even updatedAt moved
+    assert await store.events.count_documents({"_id": "msg_dup"}) == 1
+
+
+async def test_older_update_after_newer_keeps_newer(sender: Sender, store: UserStore) -> None:
+    base = fixture("user.updated")["data"]["updated_at"]
+    newer = fixture("user.updated", first_name="Newer", updated_at=base + 1000)
+    older = fixture("user.updated", first_name="Older", updated_at=base)
+    assert await sender.post(newer) == (200, {"status": "applied"})
+    assert await sender.post(older) == (200, {"status": "stale"})
+    doc = await user_doc(store)
+    assert doc is not None and doc["name"] == "Newer Lovelace"
+    assert doc["clerkUpdatedAt"] == at_ms(base + 1000)
+
+
+async def test_late_update_never_resurrects_deleted_user(sender: Sender, store: UserStore) -> None:
+    await sender.post(fixture("user.created"))
+    await sender.post(fixture("user.deleted"))
+    late = fixture("user.updated", updated_at=ms(datetime.now(UTC)) + 10_000)
+    assert await sender.post(late) == (200, {"status": "stale"})
+    assert await sender.post(fixture("user.deleted")) == (200, {"status": "stale"})
+    doc = await user_doc(store)
+    assert doc is not None and doc["isActive"] is False and doc["name"] == "Ada Lovelace"
+
+
+async def test_hard_delete_erases_name_and_email(settings: Settings, database: Database) -> None:
+    hard = replace(settings, delete_mode="hard")
+    store = UserStore(database.db, write_concern=database.write_concern, delete_mode="hard")
+    await store.ensure_indexes()
+    async for sender in serve(hard, store):
+        await sender.post(fixture("user.created"))
+        assert await sender.post(fixture("user.deleted")) == (200, {"status": "applied"})
+        assert await sender.post(fixture("user.updated", updated_at=ms(datetime.now(UTC)))) == (
+            200, {"status": "stale"})
+    doc = await user_doc(store)
+    assert doc is not None
+    assert "name" not in doc and "email" not in doc
+    assert doc["isActive"] is False and isinstance(doc["deletedAt"], datetime)
+    assert await store.get(UID) is None
+
+
+async def test_delete_before_create_makes_late_create_stale(sender: Sender, store: UserStore) -> None:
+    assert await sender.post(fixture("user.deleted")) == (200, {"status": "applied"})
+    assert await sender.post(fixture("user.created")) == (200, {"status": "stale"})
+    assert await sender.post(fixture("user.updated")) == (200, {"status": "stale"})
+    doc = await user_doc(store)
+    assert doc is not None and doc["isActive"] is False and "name" not in doc
+    assert await store.users.count_documents({"isActive": True}) == 0
+
+
+async def test_session_created_moves_last_login_forward_only(sender: Sender, store: UserStore) -> None:
+    await sender.post(fixture("user.created"))
+    login = fixture("session.created")
+    t = login["data"]["created_at"]
+    assert await sender.post(login) == (200, {"status": "applied"})
+    assert await sender.post(fixture("session.created", created_at=t - 60_000)) == (200, {"status": "stale"})
+    doc = await user_doc(store)
+    assert doc is not None and doc["lastLoginAt"] == at_ms(t)
+    assert await sender.post(fixture("session.created", created_at=t + 60_000)) == (200, {"status": "applied"})
+    doc = await user_doc(store)
+    assert doc is not None and doc["lastLoginAt"] == at_ms(t + 60_000)
+
+
+async def test_session_for_unknown_user_is_ignored(sender: Sender, store: UserStore) -> None:
+    assert await sender.post(fixture("session.created", user_id="user_nobody")) == (200, {"status": "ignored"})
+    assert await store.users.count_documents({}) == 0
+
+
+async def test_other_event_types_are_ignored(sender: Sender, store: UserStore) -> None:
+    assert await sender.post(fixture("organizationMembership.created")) == (200, {"status": "ignored"})
+    assert await store.users.count_documents({}) == 0
+
+
+# --- every 4xx row of the contract changes nothing -------------------------------------------
+async def assert_untouched(store: UserStore) -> None:
+    assert await store.users.count_documents({}) == 0
+    assert await store.events.count_documents({}) == 0
+
+
+async def test_missing_headers_is_401(sender: Sender, store: UserStore) -> None:
+    status, body = await sender.post(fixture("user.created"), headers={"content-type": "application/json"})
+    assert status == 401 and "missing" in body["error"]
+    await assert_untouched(store)
+
+
+async def test_wrong_signature_is_401(sender: Sender, store: UserStore) -> None:
+    event = json.dumps(fixture("user.created"))
+    from service.dev import signed_headers
+
+    headers = signed_headers(WEBHOOK_SECRET, event)
+    headers["svix-signature"] = "v1," + base64.b64encode(b"x" * 32).decode()
+    assert (await sender.post(event, headers=headers))[0] == 401
+    headers["svix-signature"] = "garbage-without-comma"
+    assert (await sender.post(event, headers=headers))[0] == 401
+    tampered = signed_headers(WEBHOOK_SECRET, event)
+    assert (await sender.post(event.replace("Ada", "Eve"), headers=tampered))[0] == 401
+    await assert_untouched(store)
+
+
+async def test_rotation_accepts_any_listed_secret_and_refuses_retired_ones(
+    settings: Settings, store: UserStore
+) -> None:
+    rotating = replace(settings, webhook_secrets=(OTHER_SECRET, WEBHOOK_SECRET))
+    async for sender in serve(rotating, store):
+        assert (await sender.post(fixture("user.created", id="user_old_secret")))[0] == 200
+        assert (await sender.post(fixture("user.created", id="user_new_secret"), secret=OTHER_SECRET))[0] == 200
+    finished = replace(settings, webhook_secrets=(OTHER_SECRET,))
+    async for sender in serve(finished, store):
+        status, _ = await sender.post(fixture("user.created", id="user_retired"))  # signed with the retired one
+        assert status == 401
+    assert await user_doc(store, "user_retired") is None
+
+
+async def test_timestamp_ten_minutes_old_is_401(sender: Sender, store: UserStore) -> None:
+    old = datetime.now(UTC) - timedelta(minutes=10)
+    status, body = await sender.post(fixture("user.created"), at=old)
+    assert status == 401 and "timestamp" in body["error"]
+    future = datetime.now(UTC) + timedelta(minutes=10)
+    assert (await sender.post(fixture("user.created"), at=future))[0] == 401
+    await assert_untouched(store)
+
+
+async def test_body_over_one_mebibyte_is_413(sender: Sender, store: UserStore) -> None:
+    event = fixture("user.created", padding="x" * (1024 * 1024))
+    status, _ = await sender.post(event)
+    assert status == 413
+    await assert_untouched(store)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json at all",
+        "[1, 2, 3]",
+        json.dumps({"type": "user.created"}),
+        json.dumps({"type": "user.created", "data": {"first_name": "no id"}}),
+        json.dumps({"type": "user.created", "data": {"id": 42}}),
+        json.dumps({"type": "user.updated", "data": {"id": "user_x", "updated_at": "yesterday"}}),
+        json.dumps({"type": "user.created", "data": {"id": "user_x", "updated_at": 1, "email_addresses": "a@b"}}),
+        json.dumps({"type": "user.deleted", "data": {"deleted": True}}),
+        json.dumps({"type": "session.created", "data": {"id": "sess_1"}}),
+        json.dumps({"data": {"id": "user_x"}}),
+    ],
+    ids=["garbage", "array", "no-data", "no-id", "id-not-string", "bad-updated-at", "bad-emails",
+         "delete-no-id", "session-no-user", "no-type"],
+)
+async def test_signed_but_invalid_event_is_400(sender: Sender, store: UserStore, body: str) -> None:
+    status, payload = await sender.post(body)
+    assert status == 400
+    assert payload["error"]
+    await assert_untouched(store)
+
+
+async def test_event_without_data_id_from_fixture_is_400(sender: Sender, store: UserStore) -> None:
+    event = fixture("user.created")
+    del event["data"]["id"]
+    status, payload = await sender.post(event)
+    assert status == 400 and "data.id" in payload["error"]
+    await assert_untouched(store)
+
+
+async def test_health_and_readiness(settings: Settings, store: UserStore) -> None:
+    runner, port = await start_webhook(settings, store)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
+                assert r.status == 200
+            async with session.get(f"http://127.0.0.1:{port}{settings.webhook_path}") as r:
+                assert r.status == 405
+    finally:
+        await runner.cleanup()
+
+
+# --- outages: nothing is ever lost ---------------------------------------------------------------
+@pytest.fixture
+async def private_mongo(tmp_path: Path) -> AsyncIterator[EmbeddedMongo]:
+    server = EmbeddedMongo(tmp_path / "private-mongo")
+    await server.start()
+    yield server
+    server.stop()
+
+
+async def test_database_outage_answers_503_then_retry_applies(settings: Settings, private_mongo: EmbeddedMongo) -> None:
+    settings = replace(settings, mongodb_uri=private_mongo.uri)
+    database = await open_test_database(settings)
+    store = UserStore(database.db, write_concern=database.write_concern)
+    await store.ensure_indexes()
+    try:
+        async for sender in serve(settings, store):
+            assert (await sender.post(fixture("user.created", id="user_before")))[0] == 200
+            private_mongo.stop()
+            during = fixture("user.created", id="user_during")
+            status, _ = await asyncio.wait_for(sender.post(during, msg_id="msg_during"), timeout=15)
+            assert status == 503
+            async with sender.session.get(sender.url.rsplit("/", 1)[0] + "/readyz") as r:
+                assert r.status == 503
+            await private_mongo.start()
+            assert await sender.post(during, msg_id="msg_during") == (200, {"status": "applied"})
+        assert await user_doc(store, "user_before") is not None
+        assert await user_doc(store, "user_during") is not None
+        assert await store.seen("msg_during")
+    finally:
+        await database.close()
+
+
+async def test_sigkill_right_after_200_keeps_the_write(settings: Settings, private_mongo: EmbeddedMongo) -> None:
+    settings = replace(settings, mongodb_uri=private_mongo.uri)
+    database = await open_test_database(settings)
+    store = UserStore(database.db, write_concern=database.write_concern)
+    await store.ensure_indexes()
+    try:
+        async for sender in serve(settings, store):
+            ids = [f"user_k{i}" for i in range(5)]
+            for uid in ids:
+                assert (await sender.post(fixture("user.created", id=uid), msg_id=f"msg_{uid}"))[0] == 200
+            private_mongo.kill()
+            await private_mongo.start()
+            for uid in ids:
+                doc = await user_doc(store, uid)
+                assert doc is not None and doc["isActive"] is True, uid
+                assert await store.seen(f"msg_{uid}")
+    finally:
+        await database.close()
+
+
+# --- as production runs it: separate processes ----------------------------------------------------
+async def test_concurrent_duplicate_to_two_sidecar_processes_applies_once(
+    settings: Settings, store: UserStore
+) -> None:
+    env = subprocess_env(
+        MONGODB_URI=settings.mongodb_uri or "", MONGODB_DB=settings.mongodb_db, CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET
+    )
+    sidecars = [SidecarProcess(env), SidecarProcess(env)]
+    await asyncio.gather(*(s.start() for s in sidecars))
+    try:
+        async with aiohttp.ClientSession() as session:
+            senders = [Sender(session, f"{s.base}/clerk-users-webhook", WEBHOOK_SECRET) for s in sidecars]
+            for round_no in range(5):
+                event = fixture("user.updated", first_name=f"Round{round_no}",
+                                updated_at=1764063500000 + round_no)
+                msg_id = f"msg_race_{round_no}"
+                results = await asyncio.gather(*(s.post(event, msg_id=msg_id) for s in senders))
+                statuses = sorted(body["status"] for _, body in results)
+                assert statuses == ["applied", "duplicate"], statuses
+                assert await store.events.count_documents({"_id": msg_id}) == 1
+        doc = await user_doc(store)
+        assert doc is not None and doc["name"] == "Round4 Lovelace"
+        assert await store.users.count_documents({}) == 1
+    finally:
+        logs = [s.stop() for s in sidecars]
+    lines = [json.loads(line) for log in logs for line in log.splitlines() if line.startswith("{")]
+    deliveries = [line for line in lines if line.get("event") == "webhook delivery"]
+    assert len(deliveries) == 10
+    for line in deliveries:
+        assert {"svix_id", "type", "externalId", "outcome", "duration_ms"} <= line.keys()
+    text = "\n".join(logs)
+    assert WEBHOOK_SECRET not in text and WEBHOOK_SECRET.removeprefix("whsec_") not in text
+    assert "Lovelace" not in text  # never the body
+
+
+async def test_restart_on_embedded_database_keeps_data(tmp_path: Path) -> None:
+    env = subprocess_env(AUTHSVC_DATA_DIR=str(tmp_path / "data"), CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    first = SidecarProcess(env)
+    await first.start()
+    async with aiohttp.ClientSession() as session:
+        sender = Sender(session, f"{first.base}/clerk-users-webhook", WEBHOOK_SECRET)
+        assert await sender.post(fixture("user.created"), msg_id="msg_persist") == (200, {"status": "applied"})
+    first.stop()
+
+    second = SidecarProcess(env, port=first.port)
+    await second.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            sender = Sender(session, f"{second.base}/clerk-users-webhook", WEBHOOK_SECRET)
+            assert await sender.post(fixture("user.created"), msg_id="msg_persist") == (200, {"status": "duplicate"})
+            assert await sender.post(fixture("session.created")) == (200, {"status": "applied"})
+    finally:
+        second.stop()
+    assert (tmp_path / "data" / "mongo" / "db").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        (None, "CLERK_WEBHOOK_SECRET is required"),
+        ("not-a-secret", "must start with 'whsec_'"),
+        ("whsec_!!!notbase64", "not valid base64"),
+    ],
+)
+async def test_webhook_refuses_to_start_without_a_valid_secret(
+    tmp_path: Path, secret: str | None, message: str
+) -> None:
+    env = subprocess_env(AUTHSVC_DATA_DIR=str(tmp_path))
+    if secret is not None:
+        env["CLERK_WEBHOOK_SECRET"] = secret
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "webhook", env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0]
