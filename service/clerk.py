@@ -105,7 +105,9 @@ def primary_email(data: dict[str, Any]) -> str | None:
     addresses = data.get("email_addresses") or []
     if not isinstance(addresses, list) or not all(isinstance(a, dict) for a in addresses):
         raise InvalidEvent("data.email_addresses must be a list of objects")
-    emails = [(a.get("id"), a.get("email_address")) for a in addresses if isinstance(a.get("email_address"), str)]
+    emails: list[tuple[object, str]] = [
+        (a.get("id"), a["email_address"]) for a in addresses if isinstance(a.get("email_address"), str)
+    ]
     primary_id = _optional_str(data, "primary_email_address_id")
     for email_id, email in emails:
         if primary_id is not None and email_id == primary_id:

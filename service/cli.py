@@ -75,7 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dev.print_token(settings, args.subject, ttl_s=args.ttl)
         if args.command == "dev-webhook":
             return asyncio.run(
-                dev.send_event(settings, args.event, args.user_id, role=args.role, email=args.email,
-                               first_name=args.first_name, last_name=args.last_name)
+                dev.send_event(
+                    settings,
+                    args.event,
+                    args.user_id,
+                    role=args.role,
+                    email=args.email,
+                    first_name=args.first_name,
+                    last_name=args.last_name,
+                )
             )
     return 0

@@ -152,13 +152,24 @@ def clerk_event(
 ) -> dict[str, Any]:
     """A Clerk webhook body of ``event_type`` shaped as Clerk sends it."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
-    envelope: dict[str, Any] = {"object": "event", "type": event_type, "timestamp": now,
-                                "instance_id": "ins_dev", "event_attributes": {}}
+    envelope: dict[str, Any] = {
+        "object": "event",
+        "type": event_type,
+        "timestamp": now,
+        "instance_id": "ins_dev",
+        "event_attributes": {},
+    }
     if event_type == "user.deleted":
         envelope["data"] = {"object": "user", "id": user_id, "deleted": True}
     elif event_type == "session.created":
-        envelope["data"] = {"object": "session", "id": f"sess_{uuid.uuid4().hex[:24]}", "user_id": user_id,
-                            "status": "active", "created_at": now, "updated_at": now}
+        envelope["data"] = {
+            "object": "session",
+            "id": f"sess_{uuid.uuid4().hex[:24]}",
+            "user_id": user_id,
+            "status": "active",
+            "created_at": now,
+            "updated_at": now,
+        }
     else:
         email_id = f"idn_{uuid.uuid4().hex[:24]}"
         address = email or f"{user_id}@example.com"
@@ -174,9 +185,7 @@ def clerk_event(
     return envelope
 
 
-def signed_headers(
-    secret: str, body: str, msg_id: str | None = None, *, at: datetime | None = None
-) -> dict[str, str]:
+def signed_headers(secret: str, body: str, msg_id: str | None = None, *, at: datetime | None = None) -> dict[str, str]:
     """Svix headers for ``body``, signed with the `svix` library (at ``at``, default now)."""
     msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
     now = at or datetime.now(UTC)
@@ -188,13 +197,23 @@ def signed_headers(
     }
 
 
-async def send_event(settings: Settings, event_type: str, user_id: str, **fields: str | None) -> int:
+async def send_event(
+    settings: Settings,
+    event_type: str,
+    user_id: str,
+    *,
+    role: str | None = None,
+    email: str | None = None,
+    first_name: str | None = None,
+    last_name: str | None = None,
+) -> int:
     """Sign one Clerk event with the dev secret and POST it to the running dev sidecar."""
     secret_path = dev_dir(settings) / "webhook-secret"
     if not secret_path.is_file():
         print(f"authsvc: no development secret under {dev_dir(settings)}; run `authsvc dev` first", file=sys.stderr)
         return 1
-    body = json.dumps(clerk_event(event_type, user_id, **fields))
+    event = clerk_event(event_type, user_id, role=role, email=email, first_name=first_name, last_name=last_name)
+    body = json.dumps(event)
     headers = signed_headers(secret_path.read_text().strip(), body)
     url = _state(settings)["webhook_url"]
     try:

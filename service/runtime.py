@@ -65,10 +65,7 @@ async def start_webhook(
     except OSError as exc:
         await runner.cleanup()
         raise StartupError(f"cannot listen on {settings.webhook_addr}: {exc.strerror}") from exc
-    bound = port
-    server = site._server
-    if server is not None and getattr(server, "sockets", None):
-        bound = server.sockets[0].getsockname()[1]
+    bound: int = runner.addresses[0][1] if runner.addresses else port
     log.info("webhook sidecar listening", extra=fields(addr=f"{host}:{bound}", path=settings.webhook_path))
     return runner, bound
 

@@ -78,9 +78,7 @@ class Settings:
         """Raise :class:`SettingsError` unless the gRPC service can start."""
         problems = []
         if not self.frontend_api_url and not self.jwt_key:
-            problems.append(
-                "CLERK_FRONTEND_API_URL (or CLERK_JWT_KEY) is required by the gRPC service"
-            )
+            problems.append("CLERK_FRONTEND_API_URL (or CLERK_JWT_KEY) is required by the gRPC service")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY must be set together")
         if self.tls_client_ca and not self.tls_cert:

@@ -104,16 +104,12 @@ class UserStore:
         self._delete_mode = delete_mode
         self.users: AsyncCollection[Document] = db.get_collection("users", write_concern=write_concern)
         self.events: AsyncCollection[Document] = db.get_collection("webhook_events", write_concern=write_concern)
-        self.role_changes: AsyncCollection[Document] = db.get_collection(
-            "role_changes", write_concern=write_concern
-        )
+        self.role_changes: AsyncCollection[Document] = db.get_collection("role_changes", write_concern=write_concern)
 
     async def ensure_indexes(self) -> None:
         async with _translate():
             await self.users.create_index([("externalId", ASCENDING)], unique=True, name="byExternalId")
-            await self.users.create_index(
-                [("role", ASCENDING), ("isActive", ASCENDING)], name="byRoleActive"
-            )
+            await self.users.create_index([("role", ASCENDING), ("isActive", ASCENDING)], name="byRoleActive")
             await self.events.create_index(
                 [("receivedAt", ASCENDING)],
                 expireAfterSeconds=int(LEDGER_TTL.total_seconds()),

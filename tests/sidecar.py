@@ -80,7 +80,9 @@ class SidecarProcess:
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"sidecar exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                    raise RuntimeError(
+                        f"sidecar exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+                    )
                 try:
                     async with session.get(f"{self.base}/healthz") as response:
                         if response.status == 200:

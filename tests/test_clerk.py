@@ -53,8 +53,17 @@ def test_session_login_time_prefers_created_at_then_envelope() -> None:
     assert at2 == datetime.fromtimestamp(1764063400.3, tz=UTC)
 
 
-@pytest.mark.parametrize("data", [{"banned": "yes"}, {"first_name": 7}, {"public_metadata": "admin"},
-                                  {"updated_at": -5}, {"updated_at": True}, {"id": ""}])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"banned": "yes"},
+        {"first_name": 7},
+        {"public_metadata": "admin"},
+        {"updated_at": -5},
+        {"updated_at": True},
+        {"id": ""},
+    ],
+)
 def test_wrong_types_are_invalid_events(data: dict[str, object]) -> None:
     with pytest.raises(InvalidEvent):
         profile_from_event(event_of("user.created", **data))

@@ -82,8 +82,21 @@ async def test_dev_flow_end_to_end(dev: DevProcess, tmp_path: Path) -> None:
     assert "authsvc dev-webhook user.created --id user_1 --role superadmin" in dev.banner
     assert "authsvc dev-token user_1" in dev.banner
 
-    code, out, _ = await run(AUTHSVC, "dev-webhook", "user.created", "--id", "user_1", "--role", "superadmin",
-                             "--email", "ada@example.com", "--first-name", "Ada", env=dev.env, cwd=tmp_path)
+    code, out, _ = await run(
+        AUTHSVC,
+        "dev-webhook",
+        "user.created",
+        "--id",
+        "user_1",
+        "--role",
+        "superadmin",
+        "--email",
+        "ada@example.com",
+        "--first-name",
+        "Ada",
+        env=dev.env,
+        cwd=tmp_path,
+    )
     assert code == 0 and json.loads(out.split(" ", 1)[1]) == {"status": "applied"}
     code, out, _ = await run(AUTHSVC, "dev-webhook", "user.created", "--id", "user_2", env=dev.env, cwd=tmp_path)
     assert code == 0
@@ -106,8 +119,18 @@ async def test_dev_flow_end_to_end(dev: DevProcess, tmp_path: Path) -> None:
     code, out, err = await run(GRPCURL, "-plaintext", grpc_addr, "list", env=dev.env, cwd=tmp_path)
     assert code == 0 and "authsvc.v1.AuthService" in out, err
     request = json.dumps({"external_id": "user_2", "role": "ROLE_ADMIN"})
-    code, out, err = await run(GRPCURL, "-plaintext", "-H", f"authorization: Bearer {token}", "-d", request,
-                               grpc_addr, "authsvc.v1.AuthService/SetRole", env=dev.env, cwd=tmp_path)
+    code, out, err = await run(
+        GRPCURL,
+        "-plaintext",
+        "-H",
+        f"authorization: Bearer {token}",
+        "-d",
+        request,
+        grpc_addr,
+        "authsvc.v1.AuthService/SetRole",
+        env=dev.env,
+        cwd=tmp_path,
+    )
     assert code == 0, err
     assert json.loads(out)["role"] == "ROLE_ADMIN"
 
@@ -151,4 +174,3 @@ async def test_dotenv_in_working_directory_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("CLERK_WEBHOOK_SECRET=not-a-secret\n")
     code, _, err = await run(AUTHSVC, "webhook", env=subprocess_env(), cwd=tmp_path)
     assert code == 2 and "must start with 'whsec_'" in err
-

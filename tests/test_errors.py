@@ -17,14 +17,22 @@ from service.errors import status_of
         (errors.TokenExpired("x"), grpc.StatusCode.UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED, "TOKEN_EXPIRED"),
         (errors.SignatureInvalid("x"), grpc.StatusCode.UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED, "SIGNATURE_INVALID"),
         (errors.InvalidEvent("x"), grpc.StatusCode.INVALID_ARGUMENT, HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT"),
-        (errors.PayloadTooLarge("x"), grpc.StatusCode.INVALID_ARGUMENT, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-         "PAYLOAD_TOO_LARGE"),
+        (
+            errors.PayloadTooLarge("x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+        ),
         (errors.RoleTooLow("x"), grpc.StatusCode.PERMISSION_DENIED, HTTPStatus.FORBIDDEN, "ROLE_TOO_LOW"),
         (errors.UserNotFound("x"), grpc.StatusCode.NOT_FOUND, HTTPStatus.NOT_FOUND, "USER_NOT_FOUND"),
         (errors.LastSuperadmin("x"), grpc.StatusCode.FAILED_PRECONDITION, HTTPStatus.CONFLICT, "LAST_SUPERADMIN"),
         (errors.TargetInactive("x"), grpc.StatusCode.FAILED_PRECONDITION, HTTPStatus.CONFLICT, "USER_INACTIVE"),
-        (errors.DatabaseUnavailable("x"), grpc.StatusCode.UNAVAILABLE, HTTPStatus.SERVICE_UNAVAILABLE,
-         "DATABASE_UNAVAILABLE"),
+        (
+            errors.DatabaseUnavailable("x"),
+            grpc.StatusCode.UNAVAILABLE,
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+        ),
         (errors.JwksUnavailable("x"), grpc.StatusCode.UNAVAILABLE, HTTPStatus.SERVICE_UNAVAILABLE, "JWKS_UNAVAILABLE"),
     ],
 )
@@ -34,12 +42,32 @@ def test_status_of_walks_the_mro(exc: errors.AuthError, code: grpc.StatusCode, h
 
 
 def test_every_reason_of_the_design_exists() -> None:
-    reasons = {cls.reason for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.AuthError)}
-    design = {"TOKEN_MISSING", "TOKEN_TOO_LARGE", "TOKEN_MALFORMED", "TOKEN_UNSUPPORTED_ALG", "TOKEN_INVALID_SIGNATURE",
-              "KEY_NOT_FOUND", "TOKEN_EXPIRED", "TOKEN_NOT_YET_VALID", "TOKEN_INVALID_ISSUER", "TOKEN_INVALID_AZP",
-              "TOKEN_INVALID_AUDIENCE", "JWKS_UNAVAILABLE", "USER_INACTIVE", "USER_NOT_SYNCED", "USER_NOT_FOUND",
-              "ROLE_TOO_LOW", "CALLER_NOT_SUPERADMIN", "LAST_SUPERADMIN", "INVALID_ARGUMENT", "DATABASE_UNAVAILABLE",
-              "CLERK_UNAVAILABLE"}
+    reasons = {
+        cls.reason for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.AuthError)
+    }
+    design = {
+        "TOKEN_MISSING",
+        "TOKEN_TOO_LARGE",
+        "TOKEN_MALFORMED",
+        "TOKEN_UNSUPPORTED_ALG",
+        "TOKEN_INVALID_SIGNATURE",
+        "KEY_NOT_FOUND",
+        "TOKEN_EXPIRED",
+        "TOKEN_NOT_YET_VALID",
+        "TOKEN_INVALID_ISSUER",
+        "TOKEN_INVALID_AZP",
+        "TOKEN_INVALID_AUDIENCE",
+        "JWKS_UNAVAILABLE",
+        "USER_INACTIVE",
+        "USER_NOT_SYNCED",
+        "USER_NOT_FOUND",
+        "ROLE_TOO_LOW",
+        "CALLER_NOT_SUPERADMIN",
+        "LAST_SUPERADMIN",
+        "INVALID_ARGUMENT",
+        "DATABASE_UNAVAILABLE",
+        "CLERK_UNAVAILABLE",
+    }
     assert design <= reasons
 
 

@@ -16,12 +16,22 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
     (tmp_path / "protos/authsvc/v1").mkdir(parents=True)
     shutil.copy(ROOT / PROTO, tmp_path / PROTO)
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.",
-         "--grpc_python_out=.", PROTO],
-        cwd=tmp_path, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            ".",
+            "--python_out=.",
+            "--pyi_out=.",
+            "--grpc_python_out=.",
+            PROTO,
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
     )
     for name in STUBS:
         fresh = (tmp_path / "protos/authsvc/v1" / name).read_text()
         committed = (ROOT / "protos/authsvc/v1" / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make proto`"
-

@@ -14,8 +14,18 @@ def test_superadmin_outranks_admin_outranks_staff() -> None:
     assert not Role.STAFF.at_least(Role.ADMIN)
 
 
-@pytest.mark.parametrize(("raw", "role"), [("superadmin", Role.SUPERADMIN), ("Admin", Role.ADMIN),
-                                           (" staff ", Role.STAFF), ("owner", None), (3, None), (None, None), ("", None)])
+@pytest.mark.parametrize(
+    ("raw", "role"),
+    [
+        ("superadmin", Role.SUPERADMIN),
+        ("Admin", Role.ADMIN),
+        (" staff ", Role.STAFF),
+        ("owner", None),
+        (3, None),
+        (None, None),
+        ("", None),
+    ],
+)
 def test_parse_only_known_names(raw: object, role: Role | None) -> None:
     assert Role.parse(raw) is role
 

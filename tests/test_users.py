@@ -12,18 +12,22 @@ from service.users import Outcome, UserStore
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
-def profile(uid: str = "user_1", *, at: datetime = T0, name: str = "Ada Lovelace", role: Role = Role.STAFF,
-            active: bool = True) -> UserProfile:
-    return UserProfile(external_id=uid, name=name, email=f"{uid}@example.com", role=role, is_active=active,
-                       clerk_updated_at=at)
+def profile(
+    uid: str = "user_1", *, at: datetime = T0, name: str = "Ada Lovelace", role: Role = Role.STAFF, active: bool = True
+) -> UserProfile:
+    return UserProfile(
+        external_id=uid, name=name, email=f"{uid}@example.com", role=role, is_active=active, clerk_updated_at=at
+    )
 
 
 async def test_upsert_creates_then_updates(store: UserStore) -> None:
     assert await store.upsert_from_clerk(profile()) is Outcome.APPLIED
     first = await store.get("user_1")
     assert first is not None and first.name == "Ada Lovelace" and first.role is Role.STAFF
-    assert await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1), name="Augusta", role=Role.ADMIN)) \
+    assert (
+        await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1), name="Augusta", role=Role.ADMIN))
         is Outcome.APPLIED
+    )
     second = await store.get("user_1")
     assert second is not None and second.name == "Augusta" and second.role is Role.ADMIN
     assert second.created_at == first.created_at
@@ -43,7 +47,9 @@ async def test_equal_updated_at_applies_again(store: UserStore) -> None:
 
 
 async def test_concurrent_creates_of_one_user_leave_one_document(store: UserStore) -> None:
-    results = await asyncio.gather(*[store.upsert_from_clerk(profile(at=T0 + timedelta(milliseconds=ms))) for ms in range(20)])
+    results = await asyncio.gather(
+        *[store.upsert_from_clerk(profile(at=T0 + timedelta(milliseconds=ms))) for ms in range(20)]
+    )
     assert all(r in (Outcome.APPLIED, Outcome.STALE) for r in results)
     assert await store.users.count_documents({"externalId": "user_1"}) == 1
     user = await store.users.find_one({"externalId": "user_1"})

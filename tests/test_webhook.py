@@ -86,8 +86,17 @@ async def test_created_updated_deleted_field_by_field(sender: Sender, store: Use
 
 async def test_name_falls_back_to_username_then_user(sender: Sender, store: UserStore) -> None:
     await sender.post(fixture("user.created", id="user_a", first_name=None, last_name="  ", username="ada"))
-    await sender.post(fixture("user.created", id="user_b", first_name=None, last_name=None, username=None,
-                              email_addresses=[], primary_email_address_id=None))
+    await sender.post(
+        fixture(
+            "user.created",
+            id="user_b",
+            first_name=None,
+            last_name=None,
+            username=None,
+            email_addresses=[],
+            primary_email_address_id=None,
+        )
+    )
     a, b = await user_doc(store, "user_a"), await user_doc(store, "user_b")
     assert a is not None and a["name"] == "ada"
     assert b is not None and b["name"] == "User" and b["email"] is None
@@ -158,7 +167,9 @@ async def test_hard_delete_erases_name_and_email(settings: Settings, database: D
         await sender.post(fixture("user.created"))
         assert await sender.post(fixture("user.deleted")) == (200, {"status": "applied"})
         assert await sender.post(fixture("user.updated", updated_at=ms(datetime.now(UTC)))) == (
-            200, {"status": "stale"})
+            200,
+            {"status": "stale"},
+        )
     doc = await user_doc(store)
     assert doc is not None
     assert "name" not in doc and "email" not in doc
@@ -268,8 +279,18 @@ async def test_body_over_one_mebibyte_is_413(sender: Sender, store: UserStore) -
         json.dumps({"type": "session.created", "data": {"id": "sess_1"}}),
         json.dumps({"data": {"id": "user_x"}}),
     ],
-    ids=["garbage", "array", "no-data", "no-id", "id-not-string", "bad-updated-at", "bad-emails",
-         "delete-no-id", "session-no-user", "no-type"],
+    ids=[
+        "garbage",
+        "array",
+        "no-data",
+        "no-id",
+        "id-not-string",
+        "bad-updated-at",
+        "bad-emails",
+        "delete-no-id",
+        "session-no-user",
+        "no-type",
+    ],
 )
 async def test_signed_but_invalid_event_is_400(sender: Sender, store: UserStore, body: str) -> None:
     status, payload = await sender.post(body)
@@ -353,9 +374,7 @@ async def test_sigkill_right_after_200_keeps_the_write(settings: Settings, priva
 
 
 # --- as production runs it: separate processes ----------------------------------------------------
-async def test_concurrent_duplicate_to_two_sidecar_processes_applies_once(
-    settings: Settings, store: UserStore
-) -> None:
+async def test_concurrent_duplicate_to_two_sidecar_processes_applies_once(settings: Settings, store: UserStore) -> None:
     env = subprocess_env(
         MONGODB_URI=settings.mongodb_uri or "", MONGODB_DB=settings.mongodb_db, CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET
     )
@@ -365,8 +384,7 @@ async def test_concurrent_duplicate_to_two_sidecar_processes_applies_once(
         async with aiohttp.ClientSession() as session:
             senders = [Sender(session, f"{s.base}/clerk-users-webhook", WEBHOOK_SECRET) for s in sidecars]
             for round_no in range(5):
-                event = fixture("user.updated", first_name=f"Round{round_no}",
-                                updated_at=1764063500000 + round_no)
+                event = fixture("user.updated", first_name=f"Round{round_no}", updated_at=1764063500000 + round_no)
                 msg_id = f"msg_race_{round_no}"
                 results = await asyncio.gather(*(s.post(event, msg_id=msg_id) for s in senders))
                 statuses = sorted(body["status"] for _, body in results)
@@ -423,8 +441,13 @@ async def test_webhook_refuses_to_start_without_a_valid_secret(
     if secret is not None:
         env["CLERK_WEBHOOK_SECRET"] = secret
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "webhook", env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "webhook",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 2

@@ -37,7 +37,7 @@ async def read_body(request: web.Request) -> bytes:
 async def receive(request: web.Request) -> web.Response:
     """POST the webhook path: verify, validate, apply; answer per the design's table."""
     started = time.perf_counter()
-    line = {"svix_id": header(request.headers, "id"), "type": None, "externalId": None}
+    line: dict[str, object] = {"svix_id": header(request.headers, "id"), "type": None, "externalId": None}
     try:
         body = await read_body(request)
         svix_id = request.app[VERIFIER].verify(body, request.headers)
