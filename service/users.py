@@ -223,18 +223,24 @@ class UserStore:
         return Outcome.STALE if exists else Outcome.IGNORED
 
     # --- reads ---------------------------------------------------------------
-    async def get(self, external_id: str) -> UserRecord | None:
-        """The synced user, or None when unknown or only a tombstone (never created, or hard-deleted)."""
+    async def get(self, external_id: str, *, include_tombstones: bool = False) -> UserRecord | None:
+        """The synced user, or None when unknown.
+
+        A tombstone (deleted before it was created, or hard-deleted) counts as
+        unknown unless ``include_tombstones``: access checks want to see it, inactive.
+        """
+        query: Document = {"externalId": external_id}
+        if not include_tombstones:
+            query["name"] = {"$exists": True}
         async with _translate():
-            doc = await self.users.find_one({"externalId": external_id, "name": {"$exists": True}})
+            doc = await self.users.find_one(query)
         return UserRecord.from_document(doc) if doc else None
 
     # --- roles -----------------------------------------------------------------
     async def set_role(self, external_id: str, role: Role, *, by: str, via: str = "grpc") -> UserRecord | None:
         """Set the role of a live user and audit the change. None when there is no such live user.
 
-        Demoting a superadmin only matches while another active superadmin
-        exists; :meth:`count_other_superadmins` tells the caller why it did not.
+        The last-superadmin rule is the caller's (:class:`service.access.RoleAdmin`).
         """
         query: Document = {**_live(external_id), "name": {"$exists": True}}
         async with _translate():

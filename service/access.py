@@ -1,0 +1,149 @@
+"""The rules of the RPCs, free of grpc: who may verify as what, and who may change roles.
+
+The servicer translates requests into these calls and :class:`AuthError` out
+of them into status codes; nothing here knows about either.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from service.clerk import ClerkBackend
+from service.errors import (
+    CallerNotSuperadmin,
+    InvalidArgument,
+    LastSuperadmin,
+    RoleTooLow,
+    TargetInactive,
+    TokenMissing,
+    UserInactive,
+    UserNotFound,
+    UserNotSynced,
+)
+from service.logs import fields
+from service.roles import Role
+from service.tokens import TokenVerifier, VerifiedToken
+from service.users import UserRecord, UserStore
+
+log = logging.getLogger(__name__)
+
+MAX_EXTERNAL_ID = 256
+
+# Told the verified token as soon as it is known, so the edge can log the
+# subject of calls that are denied afterwards.
+OnVerified = Callable[[VerifiedToken], None]
+
+
+async def authorize(
+    verifier: TokenVerifier,
+    store: UserStore,
+    token: str,
+    min_role: Role | None,
+    *,
+    on_verified: OnVerified | None = None,
+) -> tuple[VerifiedToken, UserRecord | None]:
+    """Verify ``token`` and apply the access rules; return the token and the synced user, if any.
+
+    An inactive synced user is denied (:class:`UserInactive`). With ``min_role``
+    an unsynced user is denied (:class:`UserNotSynced`), and so is a lower role
+    (:class:`RoleTooLow`). Without it, an unsynced user passes with no record.
+    """
+    verified = await verifier.verify(token)
+    if on_verified is not None:
+        on_verified(verified)
+    # Tombstones included: a deleted user stays denied, never "not synced".
+    user = await store.get(verified.subject, include_tombstones=True)
+    if user is not None and not user.is_active:
+        raise UserInactive("user is inactive")
+    if min_role is not None:
+        if user is None:
+            raise UserNotSynced("user is not synced yet")
+        if not user.role.at_least(min_role):
+            raise RoleTooLow(f"role {user.role.wire} is below the required {min_role.wire}")
+    return verified, user
+
+
+class RoleAdmin:
+    """SetRole: superadmins change roles in Clerk (when configured), then MongoDB, with an audit record."""
+
+    def __init__(self, store: UserStore, verifier: TokenVerifier, clerk: ClerkBackend | None) -> None:
+        self._store = store
+        self._verifier = verifier
+        self._clerk = clerk
+
+    async def set_role(
+        self,
+        token: str | None,
+        external_id: str,
+        role: Role | None,
+        *,
+        on_verified: OnVerified | None = None,
+    ) -> UserRecord:
+        """Give ``external_id`` the role ``role`` on behalf of the holder of ``token``; return the user.
+
+        The caller is checked before the arguments, so an outsider learns
+        nothing about which users exist: no token is :class:`TokenMissing`; a
+        caller who is not a synced, active superadmin is
+        :class:`CallerNotSuperadmin` (or :class:`UserInactive`). Then: an empty
+        id or no role is :class:`InvalidArgument`, an unknown target
+        :class:`UserNotFound`, an inactive one :class:`TargetInactive`, and
+        demoting the last active superadmin :class:`LastSuperadmin`. A Clerk
+        failure is :class:`ClerkUnavailable` and changes nothing.
+        """
+        if not token:
+            raise TokenMissing("authorization metadata with a bearer token is required")
+        caller, record = await authorize(self._verifier, self._store, token, None, on_verified=on_verified)
+        if record is None or record.role is not Role.SUPERADMIN:
+            raise CallerNotSuperadmin("only an active superadmin may change roles")
+
+        if not external_id or len(external_id) > MAX_EXTERNAL_ID:
+            raise InvalidArgument("external_id must be a non-empty user id")
+        if role is None:
+            raise InvalidArgument("role must be ROLE_STAFF, ROLE_ADMIN or ROLE_SUPERADMIN")
+
+        target = await self._store.get(external_id)
+        if target is None:
+            raise UserNotFound("user not found")
+        if not target.is_active:
+            raise TargetInactive("user is inactive; its role cannot be changed")
+        demotion = target.role is Role.SUPERADMIN and role is not Role.SUPERADMIN
+        if demotion and not await self._another_superadmin(external_id):
+            raise LastSuperadmin("the last active superadmin cannot be demoted")
+
+        if self._clerk is not None:
+            await self._clerk.set_role(external_id, role)  # ClerkUnavailable: nothing changed
+        updated = await self._store.set_role(external_id, role, by=caller.subject, via="grpc")
+        if updated is None:  # deleted between the read and the write
+            raise UserNotFound("user not found")
+
+        # Two superadmins demoting each other (or themselves) at once both pass
+        # the check above. Re-checking after our own write closes that race:
+        # whichever write lands last sees no active superadmin and reverts, so
+        # at least one always remains. Both may revert; that is the safe side.
+        if demotion and not await self._store.active_superadmins(limit=1):
+            await self._revert(external_id, caller.subject)
+            raise LastSuperadmin("the last active superadmin cannot be demoted")
+        return updated
+
+    async def _another_superadmin(self, external_id: str) -> bool:
+        # With limit=2 a second active superadmin shows up whenever one exists.
+        found = await self._store.active_superadmins(limit=2)
+        return any(other != external_id for other in found)
+
+    async def _revert(self, external_id: str, by: str) -> None:
+        await self._store.set_role(external_id, Role.SUPERADMIN, by=by, via="grpc-revert")
+        if self._clerk is not None:
+            try:
+                await self._clerk.set_role(external_id, Role.SUPERADMIN)
+            except Exception:
+                # Clerk now says the demoted role; its user.updated event would
+                # demote this user in MongoDB. Loud, because an operator must fix it.
+                log.error(
+                    "clerk role revert failed; restore public_metadata.role=superadmin by hand",
+                    exc_info=True,
+                    extra=fields(externalId=external_id),
+                )
+        log.warning(
+            "demotion reverted: no active superadmin would remain", extra=fields(externalId=external_id)
+        )

@@ -1,0 +1,155 @@
+"""Building and starting the grpc.aio server: AuthService, health, reflection, optional (m)TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
+from service.clerk import ClerkBackend
+from service.logs import fields
+from service.servicer import AuthServicer
+from service.settings import Settings
+from service.tokens import TokenVerifier
+from service.users import UserStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = authsvc_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+HEALTH_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+SERVER_OPTIONS = [
+    # Without this a second server can bind the same port on Linux and share
+    # its traffic; an address in use must be an error instead.
+    ("grpc.so_reuseport", 0),
+    # Requests are a token (at most 8 KiB) and an id: refuse anything far larger.
+    ("grpc.max_receive_message_length", 256 * 1024),
+]
+
+
+class GrpcBindError(OSError):
+    """The gRPC address cannot be listened on; ``str()`` is one line for the operator."""
+
+
+@dataclass
+class GrpcService:
+    """A started gRPC server and the task that keeps its health status current."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer | None = field(default=None, repr=False)
+    health_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Report NOT_SERVING, let calls in flight finish for ``grace_s``, stop the health checks."""
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.stopping.set()
+        if self.health_task is not None:
+            # Let a ping in flight finish (bounded by the driver's server-selection
+            # timeout): cancelling the driver mid-connect can leak its socket.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.health_task), timeout=5.0)
+            self.health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.health_task
+            self.health_task = None
+
+
+async def _set_health(health: HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)
+
+
+async def _watch_database(
+    health: HealthServicer, store: UserStore, interval_s: float, serving: bool, stopping: asyncio.Event
+) -> None:
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=interval_s)
+        if stopping.is_set():
+            return
+        try:
+            now = await store.ping()
+        except Exception:
+            # The watcher must outlive any surprise: report it and count it as down.
+            log.exception("health check failed")
+            now = False
+        if now != serving:
+            (log.info if now else log.warning)(
+                "health changed", extra=fields(status="SERVING" if now else "NOT_SERVING")
+            )
+            serving = now
+        await _set_health(health, serving)
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+async def start_grpc(
+    settings: Settings,
+    store: UserStore,
+    verifier: TokenVerifier,
+    clerk: ClerkBackend | None,
+    *,
+    health_interval_s: float = 2.0,
+) -> GrpcService:
+    """Serve AuthService, Health and reflection on ``settings.grpc_addr``; return the bound port.
+
+    TLS when ``tls_cert``/``tls_key`` are set; with ``tls_client_ca`` clients
+    must present a certificate it signed. Health reports SERVING (overall and
+    for AuthService) only while the database answers a ping, re-checked every
+    ``health_interval_s``. Raises :class:`GrpcBindError` if the address cannot be bound.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    authsvc_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(store, verifier, clerk), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
+
+    credentials = _credentials(settings)
+    try:
+        if credentials is None:
+            port: int = server.add_insecure_port(settings.grpc_addr)
+        else:
+            port = server.add_secure_port(settings.grpc_addr, credentials)
+    except RuntimeError as exc:
+        raise GrpcBindError(
+            f"cannot listen on {settings.grpc_addr}: the address is in use or not local"
+        ) from exc
+
+    serving = await store.ping()
+    await _set_health(health, serving)
+    await server.start()
+    stopping = asyncio.Event()
+    task = asyncio.create_task(
+        _watch_database(health, store, health_interval_s, serving, stopping), name="grpc-health"
+    )
+    log.info(
+        "grpc serving",
+        extra=fields(
+            addr=settings.grpc_addr,
+            port=port,
+            tls=credentials is not None,
+            mtls=settings.tls_client_ca is not None,
+            database=serving,
+        ),
+    )
+    return GrpcService(server=server, port=port, health=health, health_task=task, stopping=stopping)

@@ -1,0 +1,253 @@
+"""Helpers for tests of the gRPC service: real servers on loopback, nothing mocked.
+
+``serve(...)`` starts a TokenVerifier against a LocalIssuer, the gRPC server
+on port 0 and an aio channel; ``FakeClerk`` is a local stand-in for Clerk's
+``PATCH /v1/users/{id}/metadata``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from protos.authsvc.v1 import authsvc_pb2_grpc
+from service.clerk import ClerkBackend, UserProfile
+from service.roles import Role
+from service.server import GrpcService, start_grpc
+from service.settings import Settings
+from service.tokens import TokenVerifier
+from service.users import UserStore
+from tests.issuer import LocalIssuer
+
+FRONTEND = "http://localhost:3000"
+CLERK_SECRET = "sk_test_authsvc_fake"
+
+
+class FakeClerk:
+    """Records ``PATCH /v1/users/{id}/metadata`` (body and Authorization); ``fail`` answers 500."""
+
+    def __init__(self) -> None:
+        self.fail = False
+        self.requests: list[tuple[str, dict[str, Any], str | None]] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _metadata(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        self.requests.append((request.match_info["user_id"], body, request.headers.get("Authorization")))
+        if self.fail:
+            return web.json_response({"errors": [{"message": "boom"}]}, status=500)
+        return web.json_response({"id": request.match_info["user_id"], **body})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_patch("/v1/users/{user_id}/metadata", self._metadata)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+@dataclass
+class Harness:
+    settings: Settings
+    store: UserStore
+    issuer: LocalIssuer
+    verifier: TokenVerifier
+    service: GrpcService
+    channel: grpc.aio.Channel
+    stub: authsvc_pb2_grpc.AuthServiceStub
+    clerk: ClerkBackend | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.service.port}"
+
+    def token(self, subject: str, **kw: Any) -> str:
+        return self.issuer.mint(subject, **kw)
+
+    def bearer(self, subject: str, **kw: Any) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token(subject, **kw)}"),)
+
+
+def issuer_settings(settings: Settings, issuer: LocalIssuer, **changes: Any) -> Settings:
+    """``settings`` trusting ``issuer`` and the test frontend origin."""
+    return dataclasses.replace(
+        settings, frontend_api_url=issuer.url, authorized_parties=(FRONTEND,), **changes
+    )
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    settings: Settings,
+    store: UserStore,
+    issuer: LocalIssuer,
+    *,
+    clerk: FakeClerk | None = None,
+    start_verifier: bool = True,
+    health_interval_s: float = 2.0,
+    **changes: Any,
+) -> AsyncIterator[Harness]:
+    """A running gRPC service (and channel) trusting ``issuer``; with ``clerk``, role write-through to it."""
+    if clerk is not None:
+        changes.update(clerk_api_url=clerk.url, clerk_secret_key=CLERK_SECRET)
+    settings = issuer_settings(settings, issuer, **changes)
+    verifier = TokenVerifier(settings)
+    if start_verifier:
+        await verifier.start()
+    backend = (
+        ClerkBackend(settings.clerk_api_url, settings.clerk_secret_key) if settings.clerk_secret_key else None
+    )
+    service = await start_grpc(settings, store, verifier, backend, health_interval_s=health_interval_s)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    try:
+        yield Harness(
+            settings,
+            store,
+            issuer,
+            verifier,
+            service,
+            channel,
+            authsvc_pb2_grpc.AuthServiceStub(channel),
+            backend,
+        )
+    finally:
+        await channel.close()
+        await service.stop(grace_s=0.5)
+        await verifier.close()
+        if backend is not None:
+            await backend.close()
+
+
+async def seed(
+    store: UserStore,
+    external_id: str,
+    role: Role = Role.STAFF,
+    *,
+    active: bool = True,
+    name: str = "Test User",
+) -> None:
+    """A synced user, as a ``user.created`` event would leave it."""
+    await store.upsert_from_clerk(
+        UserProfile(
+            external_id=external_id,
+            name=name,
+            email=f"{external_id}@example.com",
+            role=role,
+            is_active=active,
+            clerk_updated_at=datetime.now(UTC),
+        )
+    )
+
+
+def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ``google.rpc.ErrorInfo`` detail of a failed call."""
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no rich status in {err.code()} {err.details()}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo detail")
+
+
+def reason_of(err: grpc.aio.AioRpcError) -> str:
+    info = error_info(err)
+    assert info.domain == "authsvc"
+    return str(info.reason)
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    """A throwaway CA with a server certificate for 127.0.0.1/localhost and a client certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def issue(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        signer: ec.EllipticCurvePrivateKey,
+        issuer: str,
+        *,
+        ca: bool = False,
+        san: bool = False,
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> None:
+        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key is not None:
+            (directory / f"{stem}.key").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    write("ca", issue("authsvc test CA", ca_key, ca_key, "authsvc test CA", ca=True), None)
+    write("server", issue("localhost", server_key, ca_key, "authsvc test CA", san=True), server_key)
+    write("client", issue("internal-client", client_key, ca_key, "authsvc test CA"), client_key)
+    return Pki(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+    )
