@@ -7,7 +7,7 @@ import base64
 import json
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -322,55 +322,57 @@ async def test_health_and_readiness(settings: Settings, store: UserStore) -> Non
 
 
 # --- outages: nothing is ever lost ---------------------------------------------------------------
+@dataclass
+class Outage:
+    """A private database the test may stop or kill, and a store over it."""
+
+    mongo: EmbeddedMongo
+    settings: Settings
+    store: UserStore
+
+
 @pytest.fixture
-async def private_mongo(tmp_path: Path) -> AsyncIterator[EmbeddedMongo]:
-    server = EmbeddedMongo(tmp_path / "private-mongo")
-    await server.start()
-    yield server
-    server.stop()
-
-
-async def test_database_outage_answers_503_then_retry_applies(settings: Settings, private_mongo: EmbeddedMongo) -> None:
-    settings = replace(settings, mongodb_uri=private_mongo.uri)
+async def outage(settings: Settings, tmp_path: Path) -> AsyncIterator[Outage]:
+    mongo = EmbeddedMongo(tmp_path / "private-mongo")
+    await mongo.start()
+    settings = replace(settings, mongodb_uri=mongo.uri)
     database = await open_test_database(settings)
     store = UserStore(database.db, write_concern=database.write_concern)
     await store.ensure_indexes()
-    try:
-        async for sender in serve(settings, store):
-            assert (await sender.post(fixture("user.created", id="user_before")))[0] == 200
-            private_mongo.stop()
-            during = fixture("user.created", id="user_during")
-            status, _ = await asyncio.wait_for(sender.post(during, msg_id="msg_during"), timeout=15)
-            assert status == 503
-            async with sender.session.get(sender.url.rsplit("/", 1)[0] + "/readyz") as r:
-                assert r.status == 503
-            await private_mongo.start()
-            assert await sender.post(during, msg_id="msg_during") == (200, {"status": "applied"})
-        assert await user_doc(store, "user_before") is not None
-        assert await user_doc(store, "user_during") is not None
-        assert await store.seen("msg_during")
-    finally:
-        await database.close()
+    yield Outage(mongo, settings, store)
+    await database.close()
+    mongo.stop()
 
 
-async def test_sigkill_right_after_200_keeps_the_write(settings: Settings, private_mongo: EmbeddedMongo) -> None:
-    settings = replace(settings, mongodb_uri=private_mongo.uri)
-    database = await open_test_database(settings)
-    store = UserStore(database.db, write_concern=database.write_concern)
-    await store.ensure_indexes()
-    try:
-        async for sender in serve(settings, store):
-            ids = [f"user_k{i}" for i in range(5)]
-            for uid in ids:
-                assert (await sender.post(fixture("user.created", id=uid), msg_id=f"msg_{uid}"))[0] == 200
-            private_mongo.kill()
-            await private_mongo.start()
-            for uid in ids:
-                doc = await user_doc(store, uid)
-                assert doc is not None and doc["isActive"] is True, uid
-                assert await store.seen(f"msg_{uid}")
-    finally:
-        await database.close()
+async def test_database_outage_answers_503_then_retry_applies(outage: Outage) -> None:
+    store = outage.store
+    async for sender in serve(outage.settings, store):
+        assert (await sender.post(fixture("user.created", id="user_before")))[0] == 200
+        outage.mongo.stop()
+        during = fixture("user.created", id="user_during")
+        status, _ = await asyncio.wait_for(sender.post(during, msg_id="msg_during"), timeout=15)
+        assert status == 503
+        async with sender.session.get(sender.url.rsplit("/", 1)[0] + "/readyz") as r:
+            assert r.status == 503
+        await outage.mongo.start()
+        assert await sender.post(during, msg_id="msg_during") == (200, {"status": "applied"})
+    assert await user_doc(store, "user_before") is not None
+    assert await user_doc(store, "user_during") is not None
+    assert await store.seen("msg_during")
+
+
+async def test_sigkill_right_after_200_keeps_the_write(outage: Outage) -> None:
+    store = outage.store
+    ids = [f"user_k{i}" for i in range(5)]
+    async for sender in serve(outage.settings, store):
+        for uid in ids:
+            assert (await sender.post(fixture("user.created", id=uid), msg_id=f"msg_{uid}"))[0] == 200
+    outage.mongo.kill()
+    await outage.mongo.start()
+    for uid in ids:
+        doc = await user_doc(store, uid)
+        assert doc is not None and doc["isActive"] is True, uid
+        assert await store.seen(f"msg_{uid}")
 
 
 # --- as production runs it: separate processes ----------------------------------------------------
