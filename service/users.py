@@ -243,17 +243,18 @@ class UserStore:
         The last-superadmin rule is the caller's (:class:`service.access.RoleAdmin`).
         """
         query: Document = {**_live(external_id), "name": {"$exists": True}}
+        now = _now()
         async with _translate():
             before = await self.users.find_one_and_update(
                 query,
-                {"$set": {"role": role.wire, "updatedAt": _now()}},
+                {"$set": {"role": role.wire, "updatedAt": now}},
                 return_document=ReturnDocument.BEFORE,
             )
         if before is None:
             return None
         if before.get("role") != role.wire:
             await self._audit(external_id, before.get("role"), role.wire, by=by, via=via)
-        return UserRecord.from_document({**before, "role": role.wire})
+        return UserRecord.from_document({**before, "role": role.wire, "updatedAt": now})
 
     async def active_superadmins(self, limit: int = 2) -> list[str]:
         """External ids of active superadmins (at most ``limit``)."""

@@ -347,6 +347,8 @@ async def test_superadmin_sets_role_in_clerk_mongodb_and_audit(h: Harness, fake_
     )
     assert (user.external_id, user.role) == (STAFF, pb.ROLE_ADMIN)
     assert await role_in_db(h.store, STAFF) is Role.ADMIN
+    stored = await h.store.get(STAFF)
+    assert stored is not None and user.updated_at.ToDatetime(tzinfo=UTC) == stored.updated_at
     assert await audit(h.store, STAFF) == [
         {"externalId": STAFF, "from": "staff", "to": "admin", "by": SA, "via": "grpc"}
     ]
