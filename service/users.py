@@ -156,13 +156,9 @@ class UserStore:
         retry once as a plain conditional update; ``stale`` if that matches nothing.
         """
         now = _now()
-        query = {
-            **_live(profile.external_id),
-            "$or": [
-                {"clerkUpdatedAt": {"$exists": False}},
-                {"clerkUpdatedAt": {"$lte": profile.clerk_updated_at}},
-            ],
-        }
+        # "$not $gt" matches a missing field too, without an $or: SecantusDB
+        # plans an $or as a collection scan, and this stays an index lookup.
+        query = {**_live(profile.external_id), "clerkUpdatedAt": {"$not": {"$gt": profile.clerk_updated_at}}}
         update = {
             "$set": {
                 "name": profile.name,
@@ -213,7 +209,7 @@ class UserStore:
         query = {
             **_live(external_id),
             "name": {"$exists": True},
-            "$or": [{"lastLoginAt": {"$exists": False}}, {"lastLoginAt": None}, {"lastLoginAt": {"$lt": at}}],
+            "lastLoginAt": {"$not": {"$gte": at}},  # missing, null or older
         }
         async with _translate():
             result = await self.users.update_one(query, {"$set": {"lastLoginAt": at, "updatedAt": _now()}})
