@@ -1,0 +1,163 @@
+"""``python -m bench [webhook|verify]``: run the benchmarks and print one table.
+
+Figures and ratios are measured in this one run on this machine; they are
+never pass/fail tests. Every server is started here and stopped at the end;
+all traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from bench import profiles
+from bench.common import Figure
+
+TARGETS = {
+    ("webhook: sidecar", "webhook: raw upsert"): 0.7,
+    ("verify: one token", "verify: floor (Health/Check)"): 0.8,
+    ("verify: 10k tokens", "verify: floor (Health/Check)"): 0.6,
+}
+RATIO_NAMES = {
+    ("webhook: sidecar", "webhook: raw upsert"): "sidecar / raw upsert",
+    ("webhook: sidecar", "webhook: raw 3-op delivery"): "sidecar / raw 3-op delivery",
+    ("verify: one token", "verify: floor (Health/Check)"): "a/c one token / floor",
+    ("verify: 10k tokens", "verify: floor (Health/Check)"): "b/c 10k tokens / floor",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="*", metavar="{webhook,verify}", help="default: both")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per phase (default 8 / 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each window")
+    parser.add_argument("--concurrency", type=int, default=32, help="in flight per load process")
+    parser.add_argument("--users", type=int, default=1000, help="seeded users (webhook)")
+    parser.add_argument("--deliveries", type=int, default=20_000, help="pre-signed deliveries (webhook)")
+    parser.add_argument("--tokens", type=int, default=10_000, help="distinct tokens of phase b (verify)")
+    parser.add_argument("--clients", type=int, default=2, help="load processes (verify)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="sample the processes under test with py-spy into DIR (pip install py-spy)",
+    )
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.which if name not in ("webhook", "verify")]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r} (choose webhook, verify or both)")
+    return args
+
+
+def cpu_text(figure: Figure) -> str:
+    return " ".join(f"{name} {share * 100:.0f}%" for name, share in figure.cpu.items())
+
+
+def cpu_per_call(figure: Figure) -> str:
+    """CPU milliseconds each process of the benchmark spent per completed call."""
+    if not figure.rps:
+        return ""
+    return " ".join(f"{name} {share * 1000 / figure.rps:.2f}" for name, share in figure.cpu.items() if name != "other")
+
+
+def table(figures: list[Figure]) -> str:
+    header = ("benchmark", "rps", "p50 ms", "p99 ms", "n", "errors", "cpu (% of one core)", "cpu ms/call", "outcomes")
+    rows = [header]
+    for f in figures:
+        outcomes = ",".join(f"{k}={v}" for k, v in sorted(f.outcomes.items()))
+        rows.append((f.name, f"{f.rps:,.0f}", f"{f.p50_ms:.2f}", f"{f.p99_ms:.2f}", str(f.count), str(f.errors),
+                     cpu_text(f), cpu_per_call(f), outcomes))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [
+            cell.rjust(w) if 0 < i < 6 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ratios(figures: list[Figure]) -> list[str]:
+    by_name = {f.name: f for f in figures}
+    lines = []
+    for (top, bottom), label in RATIO_NAMES.items():
+        if top in by_name and bottom in by_name and by_name[bottom].rps:
+            value = by_name[top].rps / by_name[bottom].rps
+            target = TARGETS.get((top, bottom))
+            verdict = "" if target is None else f"  (target >= {target}: {'met' if value >= target else 'MISSED'})"
+            lines.append(f"  {label:<28} {value:.2f}{verdict}")
+    return lines
+
+
+async def main(args: argparse.Namespace) -> list[str]:
+    which = args.which or ["webhook", "verify"]
+    figures: list[Figure] = []
+    notes: list[str] = []
+    if "webhook" in which:
+        from bench import webhook
+
+        found, more = await webhook.run(
+            duration_s=args.duration or 8.0,
+            warmup_s=args.warmup,
+            concurrency=args.concurrency,
+            users=args.users,
+            deliveries=args.deliveries,
+            profile=args.profile,
+        )
+        figures += found
+        notes += more
+    if "verify" in which:
+        from bench import verify
+
+        found, more = await verify.run(
+            duration_s=args.duration or 10.0,
+            warmup_s=args.warmup,
+            concurrency=args.concurrency,
+            clients=args.clients,
+            tokens=args.tokens,
+            profile=args.profile,
+        )
+        figures += found
+        notes += more
+    setup = []
+    if "webhook" in which:
+        setup.append(
+            f"webhook: {args.users} seeded users, {args.concurrency} concurrent senders in 1 process, "
+            f"{args.duration or 8.0:g} s windows after {args.warmup:g} s warm-up"
+        )
+    if "verify" in which:
+        setup.append(
+            f"verify: {args.clients} client processes x {args.concurrency} in flight, {args.tokens} tokens in b, "
+            f"{args.duration or 10.0:g} s windows after {args.warmup:g} s warm-up"
+        )
+    lines = [*setup, "", table(figures), "", "ratios (same run):", *ratios(figures)]
+    notes += [f"{f.name}: {f.note}" for f in figures if f.note]
+    if args.profile is not None:
+        if profiles.py_spy() is None:
+            notes.append("--profile: py-spy not found (pip install py-spy, or set PY_SPY)")
+        else:
+            lines += ["", f"profiles (py-spy, {args.profile}):"]
+            for path in sorted(args.profile.glob("*.txt")):
+                lines += profiles.summary(path)
+    if notes:
+        lines += ["", "notes:", *(f"  {note}" for note in notes)]
+    return lines
+
+
+if __name__ == "__main__":
+    arguments = parse_args(sys.argv[1:])
+    command = shlex.join([os.path.relpath(sys.executable), "-m", "bench", *sys.argv[1:]])
+    print(f"$ {command}   ({os.cpu_count()} cores)", flush=True)
+    began = time.monotonic()
+    output = asyncio.run(main(arguments))
+    print("\n".join(output))
+    print(f"\n{time.monotonic() - began:.0f} s in all; figures are this run's, on this machine, not a test.")
+    sys.exit(0)

@@ -1,0 +1,298 @@
+"""Webhook benchmark: signed ``user.updated`` deliveries per second through the sidecar, against raw upserts.
+
+A private embedded database; the sidecar as production runs it (``python -m
+webhook``, its own process); seeded users. Three phases, each from a separate
+load process at the same concurrency:
+
+- ``sidecar``: pre-signed deliveries (distinct svix-id, increasing
+  ``updated_at``), HTTP POST, end to end.
+- ``raw upsert``: the store's conditional upsert (same filter, same update,
+  same durable write concern) straight through ``AsyncMongoClient``.
+- ``raw delivery``: what the sidecar asks of the database per delivery (ledger
+  lookup, the upsert, the ledger insert), to tell HTTP/Python cost from
+  database cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import (
+    Figure,
+    Recorder,
+    ServerProcess,
+    child_env,
+    private_mongo,
+    run_phase,
+    sleep_until,
+    wait_go,
+    workdir,
+)
+from service.database import durable_write_concern, make_client
+from service.dev import clerk_event, signed_headers
+from service.embedded import free_port
+
+SECRET = "whsec_" + base64.b64encode(b"authsvc-bench-webhook-secret-32b").decode()
+DB = "bench"
+PATH = "/clerk-users-webhook"
+ROLES = ("staff", "admin", "staff", "staff")
+
+
+def user_id(index: int) -> str:
+    return f"user_bench{index:06d}"
+
+
+def _ms(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+# --- load process: the sidecar ----------------------------------------------------------------
+def presign(config: dict[str, Any]) -> list[tuple[bytes, dict[str, str]]]:
+    """Bodies and Svix headers for every delivery of the phase, signed before the window."""
+    users, base_ms = config["users"], config["base_ms"]
+    signed = []
+    for i in range(config["deliveries"]):
+        uid = user_id(i % users)
+        event = clerk_event(
+            "user.updated", uid, role=ROLES[i % len(ROLES)], email=f"{uid}@example.com",
+            first_name="Bench", last_name=str(i), now_ms=base_ms + i,
+        )  # fmt: skip
+        body = json.dumps(event)
+        signed.append((body.encode(), signed_headers(SECRET, body, f"msg_bench_{config['run']}_{i}")))
+    return signed
+
+
+def sidecar_worker(config: dict[str, Any], ready: Any, go: Any) -> dict[str, Any]:
+    signed = presign(config)
+    return asyncio.run(_post_all(config, signed, ready, go))
+
+
+async def _post_all(
+    config: dict[str, Any], signed: list[tuple[bytes, dict[str, str]]], ready: Any, go: Any
+) -> dict[str, Any]:
+    url = config["url"]
+    connector = aiohttp.TCPConnector(limit=config["concurrency"], force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(url.replace(PATH, "/healthz")) as response:
+            response.raise_for_status()
+        ready.put("ready")
+        window = wait_go(go)
+        recorder = Recorder(window)
+        deliveries = iter(signed)
+        exhausted = False
+
+        async def sender() -> None:
+            nonlocal exhausted
+            while time.monotonic() < window.end:
+                item = next(deliveries, None)
+                if item is None:
+                    exhausted = True
+                    return
+                body, headers = item
+                began = time.monotonic()
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        payload = await response.read()
+                        status = response.status
+                except aiohttp.ClientError as exc:
+                    recorder.add(began, time.monotonic(), type(exc).__name__, ok=False)
+                    continue
+                finished = time.monotonic()
+                if status == 200:
+                    recorder.add(began, finished, json.loads(payload).get("status", "?"))
+                else:
+                    recorder.add(began, finished, f"http {status}", ok=False)
+
+        await sleep_until(window.go)
+        sampler = asyncio.create_task(recorder.sample_cpu())
+        await asyncio.gather(*(sender() for _ in range(config["concurrency"])))
+        if exhausted:
+            sampler.cancel()
+        else:
+            await sampler
+    note = f"ran out of {len(signed)} pre-signed deliveries: raise --deliveries" if exhausted else ""
+    return recorder.result(note=note)
+
+
+# --- load process: raw AsyncMongoClient ---------------------------------------------------------
+def raw_worker(config: dict[str, Any], ready: Any, go: Any) -> dict[str, Any]:
+    return asyncio.run(_raw(config, ready, go))
+
+
+def upsert_args(uid: str, i: int, base_ms: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The filter and update of ``UserStore.upsert_from_clerk``, field for field."""
+    clerk_updated_at = _ms(base_ms + i)
+    now = datetime.now(UTC)
+    query = {
+        "externalId": uid,
+        "deletedAt": {"$exists": False},
+        "$or": [{"clerkUpdatedAt": {"$exists": False}}, {"clerkUpdatedAt": {"$lte": clerk_updated_at}}],
+    }
+    update = {
+        "$set": {
+            "name": f"Bench {i}",
+            "email": f"{uid}@example.com",
+            "role": ROLES[i % len(ROLES)],
+            "isActive": True,
+            "clerkUpdatedAt": clerk_updated_at,
+            "updatedAt": now,
+        },
+        "$setOnInsert": {"createdAt": now},
+    }
+    return query, update
+
+
+async def _raw(config: dict[str, Any], ready: Any, go: Any) -> dict[str, Any]:
+    from pymongo import ReturnDocument
+
+    client = make_client(config["uri"])
+    try:
+        concern = await durable_write_concern(client)
+        db = client[DB]
+        users = db.get_collection("users", write_concern=concern)
+        events = db.get_collection("webhook_events", write_concern=concern)
+        await users.find_one({})
+        ready.put("ready")
+        window = wait_go(go)
+        recorder = Recorder(window)
+        counter = itertools.count()
+        full = config["mode"] == "delivery"
+
+        async def writer() -> None:
+            while time.monotonic() < window.end:
+                i = next(counter)
+                uid = user_id(i % config["users"])
+                svix_id = f"msg_raw_{config['run']}_{i}"
+                began = time.monotonic()
+                query, update = upsert_args(uid, i, config["base_ms"])
+                if full:
+                    await events.find_one({"_id": svix_id}, {"_id": 1})
+                before = await users.find_one_and_update(
+                    query, update, projection={"role": 1}, upsert=True, return_document=ReturnDocument.BEFORE
+                )
+                if full:
+                    await events.insert_one({"_id": svix_id, "type": "user.updated", "externalId": uid,
+                                             "outcome": "applied", "receivedAt": datetime.now(UTC)})  # fmt: skip
+                recorder.add(began, time.monotonic(), "applied" if before is not None else "inserted")
+
+        await sleep_until(window.go)
+        sampler = asyncio.create_task(recorder.sample_cpu())
+        await asyncio.gather(*(writer() for _ in range(config["concurrency"])))
+        await sampler
+    finally:
+        await client.close()
+    return recorder.result()
+
+
+# --- the orchestration ----------------------------------------------------------------------------
+async def seed(uri: str, users: int, base_ms: int) -> None:
+    """``users`` synced users whose ``clerkUpdatedAt`` predates every benchmark event."""
+    from service.users import UserStore
+
+    client = make_client(uri)
+    try:
+        concern = await durable_write_concern(client)
+        store = UserStore(client[DB], write_concern=concern)
+        await store.ensure_indexes()
+        now = datetime.now(UTC)
+        docs = [
+            {"externalId": user_id(i), "name": "Bench Seed", "email": f"{user_id(i)}@example.com",
+             "role": "staff", "isActive": True, "clerkUpdatedAt": _ms(base_ms - 1000),
+             "createdAt": now, "updatedAt": now}
+            for i in range(users)
+        ]  # fmt: skip
+        for start in range(0, users, 1000):
+            await store.users.insert_many(docs[start : start + 1000])
+    finally:
+        await client.close()
+
+
+async def wait_http(url: str, proc: ServerProcess, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            proc.check_alive()
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not answer {url} within {timeout_s:.0f}s:\n{proc.tail()}")
+
+
+async def run(
+    *,
+    duration_s: float,
+    warmup_s: float,
+    concurrency: int,
+    users: int,
+    deliveries: int,
+    profile: Path | None = None,
+) -> tuple[list[Figure], list[str]]:
+    """Run the three phases; return their figures and notes."""
+    notes: list[str] = []
+    base_ms = int(time.time() * 1000) - 3_600_000
+    with workdir("authsvc-bench-webhook-") as tmp:
+        async with private_mongo(tmp) as mongo:
+            assert mongo.pid is not None
+            await seed(mongo.uri, users, base_ms)
+            port = free_port()
+            sidecar = ServerProcess(
+                "sidecar",
+                ["-m", "webhook"],
+                child_env(
+                    MONGODB_URI=mongo.uri,
+                    MONGODB_DB=DB,
+                    CLERK_WEBHOOK_SECRET=SECRET,
+                    AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{port}",
+                    AUTHSVC_LOG_LEVEL="warning",
+                ),
+                tmp / "sidecar.log",
+            )
+            sidecar.start()
+            try:
+                await wait_http(f"http://127.0.0.1:{port}/readyz", sidecar)
+                common = {"users": users, "concurrency": concurrency, "run": "s"}
+                sidecar_fig = await run_phase(
+                    "webhook: sidecar",
+                    sidecar_worker,
+                    [{**common, "url": f"http://127.0.0.1:{port}{PATH}", "base_ms": base_ms, "deliveries": deliveries}],
+                    {"server": sidecar.pid, "mongo": mongo.pid},
+                    warmup_s=warmup_s,
+                    duration_s=duration_s,
+                    profile=profile,
+                )
+                sidecar.check_alive()
+            finally:
+                sidecar.stop()
+            logged = sum('"webhook delivery"' in line for line in sidecar.tail(10_000).splitlines())
+            if logged:
+                notes.append(f"the sidecar logged {logged} delivery lines at warning level: logs were measured")
+            # Later events than any the sidecar sent, so every raw upsert applies as well.
+            raw_base = base_ms + deliveries + 1
+            figures = [sidecar_fig]
+            for mode, name in (("upsert", "webhook: raw upsert"), ("delivery", "webhook: raw 3-op delivery")):
+                figures.append(
+                    await run_phase(
+                        name,
+                        raw_worker,
+                        [{**common, "uri": mongo.uri, "base_ms": raw_base, "mode": mode, "run": mode}],
+                        {"mongo": mongo.pid},
+                        warmup_s=warmup_s,
+                        duration_s=duration_s,
+                        profile=profile,
+                    )
+                )
+                raw_base += 10_000_000
+    return figures, notes
