@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from service.clerk import ClerkBackend
 from service.errors import (
@@ -30,6 +31,13 @@ log = logging.getLogger(__name__)
 
 MAX_EXTERNAL_ID = 256
 
+
+class UserReader(Protocol):
+    """What :func:`authorize` reads users through: the store, or its cache."""
+
+    async def get(self, external_id: str, *, include_tombstones: bool = False) -> UserRecord | None: ...
+
+
 # Told the verified token as soon as it is known, so the edge can log the
 # subject of calls that are denied afterwards.
 OnVerified = Callable[[VerifiedToken], None]
@@ -37,7 +45,7 @@ OnVerified = Callable[[VerifiedToken], None]
 
 async def authorize(
     verifier: TokenVerifier,
-    store: UserStore,
+    users: UserReader,
     token: str,
     min_role: Role | None,
     *,
@@ -53,7 +61,7 @@ async def authorize(
     if on_verified is not None:
         on_verified(verified)
     # Tombstones included: a deleted user stays denied, never "not synced".
-    user = await store.get(verified.subject, include_tombstones=True)
+    user = await users.get(verified.subject, include_tombstones=True)
     if user is not None and not user.is_active:
         raise UserInactive("user is inactive")
     if min_role is not None:
@@ -144,6 +152,4 @@ class RoleAdmin:
                     exc_info=True,
                     extra=fields(externalId=external_id),
                 )
-        log.warning(
-            "demotion reverted: no active superadmin would remain", extra=fields(externalId=external_id)
-        )
+        log.warning("demotion reverted: no active superadmin would remain", extra=fields(externalId=external_id))

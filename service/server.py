@@ -18,6 +18,7 @@ from service.logs import fields
 from service.servicer import AuthServicer
 from service.settings import Settings
 from service.tokens import TokenVerifier
+from service.usercache import UserCache
 from service.users import UserStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class GrpcService:
     health: HealthServicer | None = field(default=None, repr=False)
     health_task: asyncio.Task[None] | None = field(default=None, repr=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    users: UserCache | None = field(default=None, repr=False)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Report NOT_SERVING, let calls in flight finish for ``grace_s``, stop the health checks."""
@@ -63,6 +65,8 @@ class GrpcService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.health_task
             self.health_task = None
+        if self.users is not None:
+            await self.users.close()
 
 
 async def _set_health(health: HealthServicer, serving: bool) -> None:
@@ -98,9 +102,7 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
     client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 async def start_grpc(
@@ -119,7 +121,8 @@ async def start_grpc(
     ``health_interval_s``. Raises :class:`GrpcBindError` if the address cannot be bound.
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    authsvc_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(store, verifier, clerk), server)
+    users = UserCache(store)
+    authsvc_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(store, verifier, clerk, users), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
@@ -131,17 +134,14 @@ async def start_grpc(
         else:
             port = server.add_secure_port(settings.grpc_addr, credentials)
     except RuntimeError as exc:
-        raise GrpcBindError(
-            f"cannot listen on {settings.grpc_addr}: the address is in use or not local"
-        ) from exc
+        raise GrpcBindError(f"cannot listen on {settings.grpc_addr}: the address is in use or not local") from exc
 
     serving = await store.ping()
     await _set_health(health, serving)
+    await users.start()
     await server.start()
     stopping = asyncio.Event()
-    task = asyncio.create_task(
-        _watch_database(health, store, health_interval_s, serving, stopping), name="grpc-health"
-    )
+    task = asyncio.create_task(_watch_database(health, store, health_interval_s, serving, stopping), name="grpc-health")
     log.info(
         "grpc serving",
         extra=fields(
@@ -152,4 +152,4 @@ async def start_grpc(
             database=serving,
         ),
     )
-    return GrpcService(server=server, port=port, health=health, health_task=task, stopping=stopping)
+    return GrpcService(server=server, port=port, health=health, health_task=task, stopping=stopping, users=users)

@@ -24,7 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
-from service.access import MAX_EXTERNAL_ID, RoleAdmin, authorize
+from service.access import MAX_EXTERNAL_ID, RoleAdmin, UserReader, authorize
 from service.clerk import ClerkBackend
 from service.errors import DOMAIN, AuthError, InvalidArgument, TokenMalformed, UserNotFound, status_of
 from service.logs import fields
@@ -119,9 +119,7 @@ class _Call:
         self.subject = verified.subject
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str
-) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str) -> NoReturn:
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
     await context.abort_with_status(rpc_status.to_status(status))
@@ -131,8 +129,15 @@ async def _abort(
 class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     """``authsvc.v1.AuthService``: VerifyToken, GetUser, SetRole."""
 
-    def __init__(self, store: UserStore, verifier: TokenVerifier, clerk: ClerkBackend | None) -> None:
+    def __init__(
+        self,
+        store: UserStore,
+        verifier: TokenVerifier,
+        clerk: ClerkBackend | None,
+        users: UserReader | None = None,
+    ) -> None:
         self._store = store
+        self._users: UserReader = users or store  # VerifyToken's hot-path reads
         self._verifier = verifier
         self._roles = RoleAdmin(store, verifier, clerk)
 
@@ -145,9 +150,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             min_role = role_from_proto(request.min_role)
             if min_role is None and request.min_role != authsvc_pb2.ROLE_UNSPECIFIED:
                 raise InvalidArgument(f"min_role {request.min_role} is not a known role")
-            verified, user = await authorize(
-                self._verifier, self._store, request.token, min_role, on_verified=call.saw
-            )
+            verified, user = await authorize(self._verifier, self._users, request.token, min_role, on_verified=call.saw)
             response = authsvc_pb2.VerifyTokenResponse(
                 subject=verified.subject,
                 session_id=verified.session_id,
@@ -161,9 +164,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
         return await self._serve("VerifyToken", context, handle)
 
-    async def GetUser(
-        self, request: authsvc_pb2.GetUserRequest, context: grpc.aio.ServicerContext
-    ) -> authsvc_pb2.User:
+    async def GetUser(self, request: authsvc_pb2.GetUserRequest, context: grpc.aio.ServicerContext) -> authsvc_pb2.User:
         """The synced user (``is_active`` false once deleted); NOT_FOUND when unknown or erased."""
 
         async def handle(call: _Call) -> authsvc_pb2.User:
@@ -176,9 +177,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
         return await self._serve("GetUser", context, handle)
 
-    async def SetRole(
-        self, request: authsvc_pb2.SetRoleRequest, context: grpc.aio.ServicerContext
-    ) -> authsvc_pb2.User:
+    async def SetRole(self, request: authsvc_pb2.SetRoleRequest, context: grpc.aio.ServicerContext) -> authsvc_pb2.User:
         """Change a user's role; the bearer token in the metadata must be an active superadmin's."""
 
         async def handle(call: _Call) -> authsvc_pb2.User:
@@ -191,9 +190,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
         return await self._serve("SetRole", context, handle)
 
-    async def _serve(
-        self, rpc: str, context: grpc.aio.ServicerContext, handle: Callable[[_Call], Awaitable[T]]
-    ) -> T:
+    async def _serve(self, rpc: str, context: grpc.aio.ServicerContext, handle: Callable[[_Call], Awaitable[T]]) -> T:
         call = _Call(rpc)
         failure: ExcInfo | None = None
         try:

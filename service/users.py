@@ -51,6 +51,7 @@ class UserRecord:
     updated_at: datetime | None
     last_login_at: datetime | None
     deleted_at: datetime | None
+    erased: bool = False  # a tombstone: deleted before it was created, or hard-deleted
 
     @classmethod
     def from_document(cls, doc: Document) -> UserRecord:
@@ -64,6 +65,7 @@ class UserRecord:
             updated_at=doc.get("updatedAt"),
             last_login_at=doc.get("lastLoginAt"),
             deleted_at=doc.get("deletedAt"),
+            erased="name" not in doc,
         )
 
 
@@ -225,12 +227,12 @@ class UserStore:
         A tombstone (deleted before it was created, or hard-deleted) counts as
         unknown unless ``include_tombstones``: access checks want to see it, inactive.
         """
-        query: Document = {"externalId": external_id}
-        if not include_tombstones:
-            query["name"] = {"$exists": True}
         async with _translate():
-            doc = await self.users.find_one(query)
-        return UserRecord.from_document(doc) if doc else None
+            doc = await self.users.find_one({"externalId": external_id})
+        if doc is None:
+            return None
+        record = UserRecord.from_document(doc)
+        return None if record.erased and not include_tombstones else record
 
     # --- roles -----------------------------------------------------------------
     async def set_role(self, external_id: str, role: Role, *, by: str, via: str = "grpc") -> UserRecord | None:

@@ -577,3 +577,28 @@ async def test_tls_and_mutual_tls(
                     await health_status(plain)
         finally:
             await service.stop(grace_s=0)
+
+
+# --- the user cache behind VerifyToken ------------------------------------------------
+async def denied_soon(h: Harness, request: pb.VerifyTokenRequest, timeout_s: float = 2.0) -> str:
+    """Call VerifyToken until it fails; its reason. Fails the test if it still passes after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        try:
+            await h.stub.VerifyToken(request)
+        except grpc.aio.AioRpcError as err:
+            return reason_of(err)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still allowed after {timeout_s} s")
+
+
+async def test_changes_from_the_sidecar_reach_verify_token_within_moments(h: Harness) -> None:
+    await seed(h.store, ADMIN, Role.ADMIN)
+    request = pb.VerifyTokenRequest(token=h.token(ADMIN), min_role=pb.ROLE_ADMIN)
+    for _ in range(3):  # warm: served from the cache from now on
+        assert (await h.stub.VerifyToken(request)).user.role == pb.ROLE_ADMIN
+    await seed(h.store, ADMIN, Role.STAFF)  # the same write a user.updated makes
+    assert await denied_soon(h, request) == "ROLE_TOO_LOW"
+    await h.store.delete(ADMIN)
+    assert await denied_soon(h, pb.VerifyTokenRequest(token=h.token(ADMIN))) == "USER_INACTIVE"
