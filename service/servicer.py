@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
-import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from types import TracebackType
@@ -103,17 +104,65 @@ def _check_external_id(external_id: str) -> None:
         raise InvalidArgument("external_id must be a non-empty user id")
 
 
+def verify_response(verified: VerifiedToken, user: UserRecord | None) -> authsvc_pb2.VerifyTokenResponse:
+    """The ``VerifyTokenResponse`` of a verified token and its user (if synced)."""
+    response = authsvc_pb2.VerifyTokenResponse(
+        subject=verified.subject,
+        session_id=verified.session_id,
+        authorized_party=verified.authorized_party,
+    )
+    response.expires_at.FromDatetime(verified.expires_at)
+    if user is not None:
+        response.user.CopyFrom(user_message(user))
+    response.claims.update(json_safe(verified.claims))
+    return response
+
+
+class _ResponseMemo:
+    """Built responses per token, reused while the verifier and the user cache return the same objects.
+
+    Both cache their results, so a token presented again yields the identical
+    ``VerifiedToken`` and ``UserRecord``; building the message (claims Struct,
+    timestamps) is then most of a call's own cost. Identity, not equality,
+    decides reuse: any new verification or user read builds afresh.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[VerifiedToken, UserRecord | None, authsvc_pb2.VerifyTokenResponse]] = (
+            OrderedDict()
+        )
+
+    def get(self, token: str, verified: VerifiedToken, user: UserRecord | None) -> authsvc_pb2.VerifyTokenResponse:
+        entry = self._entries.get(token)
+        if entry is not None and entry[0] is verified and entry[1] is user:
+            self._entries.move_to_end(token)
+            return entry[2]
+        response = verify_response(verified, user)
+        self._entries[token] = (verified, user, response)
+        self._entries.move_to_end(token)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return response
+
+
 class _Call:
     """What the one log line of a call reports."""
 
     def __init__(self, rpc: str) -> None:
         self.rpc = rpc
-        self.request_id = uuid.uuid4().hex[:16]
+        self._request_id: str | None = None
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.reason: str | None = None
         self.subject: str | None = None
         self.target: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        if self._request_id is None:  # only made when logged or returned
+            self._request_id = os.urandom(8).hex()
+        return self._request_id
 
     def saw(self, verified: VerifiedToken) -> None:
         self.subject = verified.subject
@@ -138,6 +187,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     ) -> None:
         self._store = store
         self._users: UserReader = users or store  # VerifyToken's hot-path reads
+        self._responses = _ResponseMemo()
         self._verifier = verifier
         self._roles = RoleAdmin(store, verifier, clerk)
 
@@ -151,16 +201,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             if min_role is None and request.min_role != authsvc_pb2.ROLE_UNSPECIFIED:
                 raise InvalidArgument(f"min_role {request.min_role} is not a known role")
             verified, user = await authorize(self._verifier, self._users, request.token, min_role, on_verified=call.saw)
-            response = authsvc_pb2.VerifyTokenResponse(
-                subject=verified.subject,
-                session_id=verified.session_id,
-                authorized_party=verified.authorized_party,
-            )
-            response.expires_at.FromDatetime(verified.expires_at)
-            if user is not None:
-                response.user.CopyFrom(user_message(user))
-            response.claims.update(json_safe(verified.claims))
-            return response
+            return self._responses.get(request.token, verified, user)
 
         return await self._serve("VerifyToken", context, handle)
 
@@ -216,6 +257,8 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             level = logging.WARNING
         else:
             level = logging.INFO
+        if not log.isEnabledFor(level):
+            return
         log.log(
             level,
             "rpc",
