@@ -25,7 +25,6 @@ TARGETS = {
 }
 RATIO_NAMES = {
     ("webhook: sidecar", "webhook: raw upsert"): "sidecar / raw upsert",
-    ("webhook: sidecar", "webhook: raw 3-op delivery"): "sidecar / raw 3-op delivery",
     ("verify: one token", "verify: floor (Health/Check)"): "a/c one token / floor",
     ("verify: 10k tokens", "verify: floor (Health/Check)"): "b/c 10k tokens / floor",
 }

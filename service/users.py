@@ -127,11 +127,6 @@ class UserStore:
             return False
 
     # --- the dedupe ledger ---------------------------------------------------
-    async def seen(self, svix_id: str) -> bool:
-        """True when this delivery was already processed."""
-        async with _translate():
-            return await self.events.find_one({"_id": svix_id}, {"_id": 1}) is not None
-
     async def record_delivery(self, svix_id: str, event_type: str, external_id: str | None, outcome: Outcome) -> bool:
         """Write the ledger entry, after the effect. False when another delivery recorded it first."""
         entry = {
@@ -149,31 +144,44 @@ class UserStore:
         return True
 
     # --- Clerk events --------------------------------------------------------
-    async def upsert_from_clerk(self, profile: UserProfile) -> Outcome:
+    async def upsert_from_clerk(self, profile: UserProfile, delivery_id: str | None = None) -> Outcome:
         """Apply a ``user.created``/``user.updated`` unless it is older than what is stored.
 
-        One conditional upsert: it matches a live user whose ``clerkUpdatedAt``
-        is not newer. A duplicate-key error means the user exists but did not
-        match (newer state, or deleted) or another writer inserted first:
-        retry once as a plain conditional update; ``stale`` if that matches nothing.
+        The rule is one conditional write that matches a live user whose
+        ``clerkUpdatedAt`` is not newer and that this delivery (``delivery_id``,
+        the svix-id, kept as ``lastSvixId``) has not written already, so a
+        redelivery changes nothing. The common case, the role unchanged, is a
+        plain ``update_one``; otherwise a conditional upsert that returns the
+        previous role for the audit. A duplicate-key error from it means the user
+        exists but did not match (newer, deleted, or already written by this
+        delivery) or another writer inserted first: retry once as a plain
+        conditional update; if that matches nothing, :meth:`_classify` tells
+        ``stale`` from "this delivery already applied it".
         """
         now = _now()
-        # "$not $gt" matches a missing field too, without an $or: SecantusDB
+        # "$not $gt"/"$ne" match a missing field too, without an $or: SecantusDB
         # plans an $or as a collection scan, and this stays an index lookup.
-        query = {**_live(profile.external_id), "clerkUpdatedAt": {"$not": {"$gt": profile.clerk_updated_at}}}
-        update = {
-            "$set": {
-                "name": profile.name,
-                "email": profile.email,
-                "role": profile.role.wire,
-                "isActive": profile.is_active,
-                "clerkUpdatedAt": profile.clerk_updated_at,
-                "updatedAt": now,
-            },
-            "$setOnInsert": {"createdAt": now},
+        query: Document = {
+            **_live(profile.external_id),
+            "clerkUpdatedAt": {"$not": {"$gt": profile.clerk_updated_at}},
         }
+        if delivery_id is not None:
+            query["lastSvixId"] = {"$ne": delivery_id}
+        fields: Document = {
+            "name": profile.name,
+            "email": profile.email,
+            "role": profile.role.wire,
+            "isActive": profile.is_active,
+            "clerkUpdatedAt": profile.clerk_updated_at,
+            "lastSvixId": delivery_id,
+            "updatedAt": now,
+        }
+        update = {"$set": fields, "$setOnInsert": {"createdAt": now}}
         projection = {"role": 1}
         async with _translate():
+            same_role = await self.users.update_one({**query, "role": profile.role.wire}, {"$set": fields})
+            if same_role.matched_count:
+                return Outcome.APPLIED
             try:
                 before = await self.users.find_one_and_update(
                     query, update, projection=projection, upsert=True, return_document=ReturnDocument.BEFORE
@@ -184,11 +192,19 @@ class UserStore:
                     query, update, projection=projection, return_document=ReturnDocument.BEFORE
                 )
                 if before is None:
-                    return Outcome.STALE
+                    return await self._classify(profile.external_id, delivery_id)
                 inserted = False
         if not inserted and before is not None and before.get("role") != profile.role.wire:
             await self._audit(profile.external_id, before.get("role"), profile.role.wire, by="clerk", via="webhook")
         return Outcome.APPLIED
+
+    async def _classify(self, external_id: str, delivery_id: str | None) -> Outcome:
+        """Why an upsert matched nothing: this delivery already wrote it (a retry), or the event is stale."""
+        if delivery_id is None:
+            return Outcome.STALE
+        async with _translate():
+            mine = await self.users.find_one({**_live(external_id), "lastSvixId": delivery_id}, {"_id": 1})
+        return Outcome.APPLIED if mine else Outcome.STALE
 
     async def delete(self, external_id: str) -> Outcome:
         """Apply ``user.deleted``: terminal. Before any create it leaves a tombstone."""

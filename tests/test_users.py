@@ -84,10 +84,23 @@ async def test_login_moves_only_forward_and_ignores_unknown(store: UserStore) ->
 
 
 async def test_ledger_records_once(store: UserStore) -> None:
-    assert not await store.seen("msg_1")
     assert await store.record_delivery("msg_1", "user.created", "user_1", Outcome.APPLIED)
     assert not await store.record_delivery("msg_1", "user.created", "user_1", Outcome.APPLIED)
-    assert await store.seen("msg_1")
+    assert await store.events.count_documents({"_id": "msg_1"}) == 1
+
+
+async def test_redelivery_of_the_latest_event_changes_nothing(store: UserStore) -> None:
+    assert await store.upsert_from_clerk(profile(name="First"), "msg_a") is Outcome.APPLIED
+    before = await store.users.find_one({"externalId": "user_1"})
+    # The same delivery again (a retry after a lost ledger write) writes nothing...
+    assert await store.upsert_from_clerk(profile(name="First"), "msg_a") is Outcome.APPLIED
+    assert await store.users.find_one({"externalId": "user_1"}) == before
+    # ...while another delivery with the same updated_at applies again, as the design says.
+    assert await store.upsert_from_clerk(profile(name="Second"), "msg_b") is Outcome.APPLIED
+    doc = await store.users.find_one({"externalId": "user_1"})
+    assert doc is not None and doc["name"] == "Second" and doc["lastSvixId"] == "msg_b"
+    # An older event is stale, whatever its id.
+    assert await store.upsert_from_clerk(profile(at=T0 - timedelta(seconds=1)), "msg_c") is Outcome.STALE
 
 
 async def test_role_change_from_clerk_is_audited(store: UserStore) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from service.clerk import parse_event, profile_from_event
 from service.database import Database
 from service.embedded import EmbeddedMongo
 from service.runtime import start_webhook
@@ -299,6 +300,18 @@ async def test_signed_but_invalid_event_is_400(sender: Sender, store: UserStore,
     await assert_untouched(store)
 
 
+async def test_retry_after_a_crash_between_effect_and_ledger_applies_once(sender: Sender, store: UserStore) -> None:
+    event = fixture("user.created")
+    # The effect of msg_crash landed, then the process died before its ledger entry.
+    await store.upsert_from_clerk(profile_from_event(parse_event(json.dumps(event).encode())), "msg_crash")
+    before = await user_doc(store)
+    assert await store.events.count_documents({}) == 0
+    assert await sender.post(event, msg_id="msg_crash") == (200, {"status": "applied"})
+    assert await user_doc(store) == before  # not written twice
+    assert await store.events.count_documents({"_id": "msg_crash"}) == 1
+    assert await sender.post(event, msg_id="msg_crash") == (200, {"status": "duplicate"})
+
+
 async def test_event_without_data_id_from_fixture_is_400(sender: Sender, store: UserStore) -> None:
     event = fixture("user.created")
     del event["data"]["id"]
@@ -358,7 +371,7 @@ async def test_database_outage_answers_503_then_retry_applies(outage: Outage) ->
         assert await sender.post(during, msg_id="msg_during") == (200, {"status": "applied"})
     assert await user_doc(store, "user_before") is not None
     assert await user_doc(store, "user_during") is not None
-    assert await store.seen("msg_during")
+    assert await store.events.count_documents({"_id": "msg_during"}) == 1
 
 
 async def test_sigkill_right_after_200_keeps_the_write(outage: Outage) -> None:
@@ -372,7 +385,7 @@ async def test_sigkill_right_after_200_keeps_the_write(outage: Outage) -> None:
     for uid in ids:
         doc = await user_doc(store, uid)
         assert doc is not None and doc["isActive"] is True, uid
-        assert await store.seen(f"msg_{uid}")
+        assert await store.events.count_documents({"_id": f"msg_{uid}"}) == 1
 
 
 # --- as production runs it: separate processes ----------------------------------------------------

@@ -1,9 +1,9 @@
 """One Clerk delivery: validate the event, then apply it through the store exactly once.
 
 The ledger entry is written after the effect. A crash between the two leaves
-a retry that applies again, which the store's conditional writes make
-harmless; a delivery that loses the race to record its ledger entry reports
-``duplicate``.
+a retry that finds the effect already there (the store's conditional writes
+make it harmless) and records the ledger entry; a delivery that loses the
+race to record its ledger entry reports ``duplicate``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def plan(svix_id: str, event: ClerkEvent) -> Delivery:
         external_id = profile.external_id
 
         async def effect(store: UserStore) -> Outcome:
-            return await store.upsert_from_clerk(profile)
+            return await store.upsert_from_clerk(profile, svix_id)
 
     elif event.type == "user.deleted":
         deleted_id = external_id = require_id(event.data)
@@ -55,9 +55,14 @@ def plan(svix_id: str, event: ClerkEvent) -> Delivery:
 
 
 async def apply(store: UserStore, delivery: Delivery) -> Outcome:
-    """Apply ``delivery`` once: ``duplicate`` if its svix-id is already in the ledger."""
-    if await store.seen(delivery.svix_id):
-        return Outcome.DUPLICATE
+    """Apply ``delivery`` once: ``duplicate`` if its svix-id is already in the ledger.
+
+    No ledger read comes first: every effect is a conditional write that a
+    redelivery cannot repeat (user writes are guarded by ``lastSvixId``, a
+    delete is terminal, a login only moves forward), and the ledger insert
+    after it decides. Of two concurrent deliveries of one svix-id, the one
+    whose ledger insert lands first answers the effect's outcome; the other ``duplicate``.
+    """
     outcome = Outcome.IGNORED if delivery.effect is None else await delivery.effect(store)
     if not await store.record_delivery(delivery.svix_id, delivery.type, delivery.external_id, outcome):
         return Outcome.DUPLICATE
