@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import profiles
-from service.embedded import EmbeddedMongo
+from service.embedded import EmbeddedMongo, terminate
 
 CTX = multiprocessing.get_context("spawn")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -225,14 +225,8 @@ class ServerProcess:
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (graceful), then SIGKILL of this process only."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            terminate(proc, timeout_s)
 
 
 @contextlib.asynccontextmanager

@@ -3,9 +3,9 @@
 The production path: settings read from the environment (``MONGODB_URI`` is
 the benchmark's private database, ``CLERK_FRONTEND_API_URL`` points at a JWKS
 served by this same process from the development issuer in
-``BENCH_ISSUER_DIR``), then ``open_store`` and ``start_grpc_stack``, as
-``authsvc grpc`` does. ``grpc.health.v1.Health/Check``, already on that server,
-is the benchmark's floor. SIGTERM stops everything.
+``BENCH_ISSUER_DIR``), then ``run_grpc``, exactly as ``authsvc grpc`` runs.
+``grpc.health.v1.Health/Check``, already on that server, is the benchmark's
+floor. SIGTERM stops everything.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aiohttp import web
 
 from service import logs
 from service.devissuer import DevIssuer, jwks_routes
-from service.runtime import open_store, split_addr, start_grpc_stack, until_signalled
+from service.runtime import run_grpc, split_addr
 from service.settings import load
 
 
@@ -34,15 +34,7 @@ async def serve() -> None:
     await jwks.setup()
     await web.TCPSite(jwks, host, port).start()
     try:
-        database, store = await open_store(settings)
-        try:
-            stack = await start_grpc_stack(settings, store)
-            try:
-                await until_signalled()
-            finally:
-                await stack.stop()
-        finally:
-            await database.close()
+        await run_grpc(settings)
     finally:
         await jwks.cleanup()
 

@@ -55,6 +55,18 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
     os.setpgrp()
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    """SIGTERM ``proc``, then SIGKILL if it has not exited in ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class EmbeddedMongo:
     """A SecantusDB server on a loopback port with its files under ``directory``."""
 
@@ -144,12 +156,7 @@ class EmbeddedMongo:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout_s)
         log.info("embedded database stopped", extra=fields(port=self.port))
 
     def kill(self) -> None:
