@@ -64,6 +64,8 @@ def parse_event(body: bytes) -> ClerkEvent:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidEvent("body is not JSON") from exc
+    except RecursionError as exc:  # valid JSON nested deeper than the parser goes
+        raise InvalidEvent("body is nested too deeply") from exc
     if not isinstance(payload, dict):
         raise InvalidEvent("body must be a JSON object")
     event_type = payload.get("type")

@@ -72,3 +72,8 @@ def test_wrong_types_are_invalid_events(data: dict[str, object]) -> None:
 def test_non_utf8_body_is_invalid() -> None:
     with pytest.raises(InvalidEvent):
         parse_event(b"\xff\xfe{}")
+
+
+def test_deeply_nested_body_is_invalid_not_a_crash() -> None:
+    with pytest.raises(InvalidEvent, match="nested"):
+        parse_event(b"[" * 100_000 + b"]" * 100_000)
