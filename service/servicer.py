@@ -264,7 +264,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             "rpc",
             exc_info=failure,
             extra=fields(
-                rpc=call.rpc,
+                method=call.rpc,
                 request_id=call.request_id,
                 peer=context.peer(),
                 code=call.code.name,

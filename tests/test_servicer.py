@@ -60,9 +60,7 @@ async def fake_clerk() -> AsyncIterator[FakeClerk]:
 
 
 @pytest.fixture
-async def h(
-    settings: Settings, store: UserStore, issuer: LocalIssuer, fake_clerk: FakeClerk
-) -> AsyncIterator[Harness]:
+async def h(settings: Settings, store: UserStore, issuer: LocalIssuer, fake_clerk: FakeClerk) -> AsyncIterator[Harness]:
     async with serve(settings, store, issuer, clerk=fake_clerk) as harness:
         yield harness
 
@@ -164,9 +162,7 @@ async def test_bad_token_is_unauthenticated_with_its_reason(h: Harness, case: st
     assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, reason)
 
 
-async def test_audience_is_checked_when_configured(
-    settings: Settings, store: UserStore, issuer: LocalIssuer
-) -> None:
+async def test_audience_is_checked_when_configured(settings: Settings, store: UserStore, issuer: LocalIssuer) -> None:
     async with serve(settings, store, issuer, jwt_audience="convex") as h:
         ok = await h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF, audience="convex")))
         assert ok.subject == STAFF and not ok.HasField("user")
@@ -222,9 +218,7 @@ async def test_unsynced_user_passes_without_min_role_and_is_denied_with_one(h: H
 
 
 async def test_unknown_min_role_is_invalid_argument(h: Harness) -> None:
-    code, reason, _ = await rpc_error(
-        h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF), min_role=9))
-    )
+    code, reason, _ = await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF), min_role=9)))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
 
 
@@ -243,9 +237,7 @@ async def test_unexpected_exception_is_internal_with_a_request_id_and_no_detail(
     # A verifier that was never started raises a RuntimeError (a programming
     # error, not an AuthError) when it has to fetch keys.
     async with serve(settings, store, issuer, start_verifier=False) as h:
-        code, reason, message = await rpc_error(
-            h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF)))
-        )
+        code, reason, message = await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF))))
     assert (code, reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
     assert message.startswith("internal error (request id ") and "start()" not in message
     request_id = message.removeprefix("internal error (request id ").rstrip(")")
@@ -253,16 +245,14 @@ async def test_unexpected_exception_is_internal_with_a_request_id_and_no_detail(
     assert line.exc_info is not None and line.levelno == logging.ERROR
 
 
-async def test_each_call_logs_one_line_without_the_token(
-    h: Harness, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_each_call_logs_one_line_without_the_token(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
     await seed(h.store, STAFF)
     token = h.token(STAFF)
     caplog.set_level(logging.INFO, logger="service.servicer")
     await h.stub.VerifyToken(pb.VerifyTokenRequest(token=token))
     await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=token, min_role=pb.ROLE_ADMIN)))
     lines = [r for r in caplog.records if r.name == "service.servicer"]
-    assert [(r.fields["rpc"], r.fields["code"], r.fields["reason"], r.fields["subject"]) for r in lines] == [
+    assert [(r.fields["method"], r.fields["code"], r.fields["reason"], r.fields["subject"]) for r in lines] == [
         ("VerifyToken", "OK", None, STAFF),
         ("VerifyToken", "PERMISSION_DENIED", "ROLE_TOO_LOW", STAFF),
     ]
@@ -297,9 +287,7 @@ async def test_get_user_soft_deleted_is_inactive(h: Harness) -> None:
     assert user.external_id == STAFF and not user.is_active and user.name == "Test User"
 
 
-async def test_get_user_hard_deleted_is_not_found(
-    settings: Settings, issuer: LocalIssuer, database: Any
-) -> None:
+async def test_get_user_hard_deleted_is_not_found(settings: Settings, issuer: LocalIssuer, database: Any) -> None:
     hard = UserStore(database.db, write_concern=database.write_concern, delete_mode="hard")
     await hard.ensure_indexes()
     await seed(hard, STAFF)
@@ -342,9 +330,7 @@ async def role_in_db(store: UserStore, external_id: str) -> Role:
 async def test_superadmin_sets_role_in_clerk_mongodb_and_audit(h: Harness, fake_clerk: FakeClerk) -> None:
     await seed(h.store, SA, Role.SUPERADMIN)
     await seed(h.store, STAFF)
-    user = await h.stub.SetRole(
-        pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_ADMIN), metadata=h.bearer(SA)
-    )
+    user = await h.stub.SetRole(pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_ADMIN), metadata=h.bearer(SA))
     assert (user.external_id, user.role) == (STAFF, pb.ROLE_ADMIN)
     assert await role_in_db(h.store, STAFF) is Role.ADMIN
     stored = await h.store.get(STAFF)
@@ -370,9 +356,7 @@ async def test_set_role_without_clerk_secret_writes_mongodb_only(
     await seed(store, STAFF)
     async with serve(settings, store, issuer) as h:
         assert h.clerk is None
-        await h.stub.SetRole(
-            pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_SUPERADMIN), metadata=h.bearer(SA)
-        )
+        await h.stub.SetRole(pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_SUPERADMIN), metadata=h.bearer(SA))
     assert await role_in_db(store, STAFF) is Role.SUPERADMIN
     assert [(a["to"], a["by"], a["via"]) for a in await audit(store, STAFF)] == [("superadmin", SA, "grpc")]
 
@@ -524,8 +508,7 @@ async def test_health_follows_the_database(settings: Settings, issuer: LocalIssu
                 assert time.monotonic() < deadline, "health never reported NOT_SERVING"
                 await asyncio.sleep(0.1)
             assert (
-                await health_status(h.channel, "authsvc.v1.AuthService")
-                == health_pb2.HealthCheckResponse.NOT_SERVING
+                await health_status(h.channel, "authsvc.v1.AuthService") == health_pb2.HealthCheckResponse.NOT_SERVING
             )
             code, reason, _ = await rpc_error(h.stub.GetUser(pb.GetUserRequest(external_id=STAFF)))
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
@@ -534,9 +517,7 @@ async def test_health_follows_the_database(settings: Settings, issuer: LocalIssu
         mongo.stop()
 
 
-async def test_address_in_use_is_a_clear_error(
-    settings: Settings, store: UserStore, issuer: LocalIssuer
-) -> None:
+async def test_address_in_use_is_a_clear_error(settings: Settings, store: UserStore, issuer: LocalIssuer) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
@@ -547,9 +528,7 @@ async def test_address_in_use_is_a_clear_error(
             await start_grpc(busy, store, verifier, None)
 
 
-async def test_tls_and_mutual_tls(
-    settings: Settings, store: UserStore, issuer: LocalIssuer, tmp_path: Path
-) -> None:
+async def test_tls_and_mutual_tls(settings: Settings, store: UserStore, issuer: LocalIssuer, tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     ca = pki.ca.read_bytes()
     client_pair = {
@@ -602,3 +581,23 @@ async def test_changes_from_the_sidecar_reach_verify_token_within_moments(h: Har
     assert await denied_soon(h, request) == "ROLE_TOO_LOW"
     await h.store.delete(ADMIN)
     assert await denied_soon(h, pb.VerifyTokenRequest(token=h.token(ADMIN))) == "USER_INACTIVE"
+
+
+async def test_shutdown_lets_a_call_in_flight_finish_and_refuses_new_ones(
+    settings: Settings, store: UserStore, issuer: LocalIssuer
+) -> None:
+    await seed(store, STAFF)
+    async with serve(settings, store, issuer) as h:
+        issuer.rotate()  # the next token's kid is unknown: its call waits on a JWKS fetch...
+        issuer.delay_s = 1.0  # ...that takes a second
+        in_flight = asyncio.ensure_future(h.stub.VerifyToken(pb.VerifyTokenRequest(token=issuer.mint(STAFF))))
+        while issuer.fetches < 2:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(h.service.stop(grace_s=5.0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF)), timeout=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        reply = await in_flight
+        assert reply.subject == STAFF and reply.user.external_id == STAFF
+        await stopping
