@@ -16,6 +16,7 @@ import pytest
 
 from service.clerk import parse_event, profile_from_event
 from service.database import Database
+from service.dev import signed_headers
 from service.embedded import EmbeddedMongo
 from service.runtime import start_webhook
 from service.settings import Settings
@@ -224,8 +225,6 @@ async def test_missing_headers_is_401(sender: Sender, store: UserStore) -> None:
 
 async def test_wrong_signature_is_401(sender: Sender, store: UserStore) -> None:
     event = json.dumps(fixture("user.created"))
-    from service.dev import signed_headers
-
     headers = signed_headers(WEBHOOK_SECRET, event)
     headers["svix-signature"] = "v1," + base64.b64encode(b"x" * 32).decode()
     assert (await sender.post(event, headers=headers))[0] == 401
@@ -263,6 +262,20 @@ async def test_body_over_one_mebibyte_is_413(sender: Sender, store: UserStore) -
     event = fixture("user.created", padding="x" * (1024 * 1024))
     status, _ = await sender.post(event)
     assert status == 413
+    await assert_untouched(store)
+
+
+async def test_chunked_body_over_one_mebibyte_is_413(sender: Sender, store: UserStore) -> None:
+    body = json.dumps(fixture("user.created", padding="x" * (1024 * 1024))).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the cap applies while reading
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    headers = signed_headers(WEBHOOK_SECRET, body.decode())
+    async with sender.session.post(sender.url, data=chunks(), headers=headers) as response:
+        assert response.status == 413
+        assert "1 MiB" in (await response.json())["error"]
     await assert_untouched(store)
 
 
