@@ -19,6 +19,7 @@ from service.database import Database, durable_write_concern, make_client
 from service.embedded import EmbeddedMongo
 from service.settings import Settings
 from service.users import UserStore
+from tests.issuer import LocalIssuer
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"authsvc-test-secret-0123456789ab").decode()
 
@@ -65,6 +66,13 @@ async def store(settings: Settings, database: Database) -> UserStore:
     s = UserStore(database.db, write_concern=database.write_concern, delete_mode=settings.delete_mode)
     await s.ensure_indexes()
     return s
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[LocalIssuer]:
+    """A local JWKS issuer on a loopback port (take it down, slow it, rotate its keys)."""
+    async with LocalIssuer() as issuer:
+        yield issuer
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:

@@ -46,12 +46,6 @@ SA, SA2, ADMIN, STAFF, GONE = "user_sa", "user_sa2", "user_admin", "user_staff",
 
 
 @pytest.fixture
-async def issuer() -> AsyncIterator[LocalIssuer]:
-    async with LocalIssuer() as issuer:
-        yield issuer
-
-
-@pytest.fixture
 async def fake_clerk() -> AsyncIterator[FakeClerk]:
     clerk = FakeClerk()
     await clerk.start()

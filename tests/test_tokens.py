@@ -32,12 +32,6 @@ MakeVerifier = Callable[..., Awaitable[TokenVerifier]]
 
 
 @pytest.fixture
-async def issuer() -> AsyncIterator[LocalIssuer]:
-    async with LocalIssuer() as issuer:
-        yield issuer
-
-
-@pytest.fixture
 async def make_verifier() -> AsyncIterator[MakeVerifier]:
     started: list[TokenVerifier] = []
 
