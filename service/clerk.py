@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -62,10 +63,10 @@ def parse_event(body: bytes) -> ClerkEvent:
     """Parse a verified webhook body into a :class:`ClerkEvent` (raises :class:`InvalidEvent`)."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidEvent("body is not JSON") from exc
     except RecursionError as exc:  # valid JSON nested deeper than the parser goes
         raise InvalidEvent("body is nested too deeply") from exc
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer past Python's 4300-digit limit
+        raise InvalidEvent("body is not JSON") from exc
     if not isinstance(payload, dict):
         raise InvalidEvent("body must be a JSON object")
     event_type = payload.get("type")
@@ -197,7 +198,7 @@ class ClerkBackend:
         """Merge ``{"role": ...}`` into the user's public metadata; raise :class:`ClerkUnavailable`."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        url = f"{self._api_url}/v1/users/{user_id}/metadata"
+        url = f"{self._api_url}/v1/users/{quote(user_id, safe='')}/metadata"
         body = {"public_metadata": {"role": role.wire}}
         headers = {"Authorization": f"Bearer {self._secret_key}"}
         try:

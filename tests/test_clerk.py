@@ -77,3 +77,9 @@ def test_non_utf8_body_is_invalid() -> None:
 def test_deeply_nested_body_is_invalid_not_a_crash() -> None:
     with pytest.raises(InvalidEvent, match="nested"):
         parse_event(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_integer_past_the_parser_limit_is_invalid_not_a_crash() -> None:
+    body = b'{"type": "user.created", "data": {"id": "user_1", "updated_at": ' + b"9" * 5000 + b"}}"
+    with pytest.raises(InvalidEvent, match="not JSON"):
+        parse_event(body)

@@ -335,6 +335,15 @@ async def test_superadmin_sets_role_in_clerk_mongodb_and_audit(h: Harness, fake_
     assert fake_clerk.requests == [(STAFF, {"public_metadata": {"role": "admin"}}, f"Bearer {CLERK_SECRET}")]
 
 
+async def test_clerk_write_through_keeps_the_user_id_one_path_segment(h: Harness, fake_clerk: FakeClerk) -> None:
+    odd = "user_a/../../v1/users/user_b?x=1"
+    await seed(h.store, SA, Role.SUPERADMIN)
+    await seed(h.store, odd)
+    user = await h.stub.SetRole(pb.SetRoleRequest(external_id=odd, role=pb.ROLE_ADMIN), metadata=h.bearer(SA))
+    assert user.role == pb.ROLE_ADMIN
+    assert [(uid, body) for uid, body, _ in fake_clerk.requests] == [(odd, {"public_metadata": {"role": "admin"}})]
+
+
 async def test_bearer_scheme_is_case_insensitive(h: Harness) -> None:
     await seed(h.store, SA, Role.SUPERADMIN)
     await seed(h.store, STAFF)
