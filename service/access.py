@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 MAX_EXTERNAL_ID = 256
 
 
+def check_external_id(external_id: str) -> None:
+    """Raise :class:`InvalidArgument` unless ``external_id`` looks like a user id (non-empty, bounded)."""
+    if not external_id or len(external_id) > MAX_EXTERNAL_ID:
+        raise InvalidArgument("external_id must be a non-empty user id")
+
+
 class UserReader(Protocol):
     """What :func:`authorize` reads users through: the store, or its cache."""
 
@@ -105,8 +111,7 @@ class RoleAdmin:
         if record is None or record.role is not Role.SUPERADMIN:
             raise CallerNotSuperadmin("only an active superadmin may change roles")
 
-        if not external_id or len(external_id) > MAX_EXTERNAL_ID:
-            raise InvalidArgument("external_id must be a non-empty user id")
+        check_external_id(external_id)
         if role is None:
             raise InvalidArgument("role must be ROLE_STAFF, ROLE_ADMIN or ROLE_SUPERADMIN")
 

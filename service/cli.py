@@ -74,15 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dev-token":
             return dev.print_token(settings, args.subject, ttl_s=args.ttl)
         if args.command == "dev-webhook":
-            return asyncio.run(
-                dev.send_event(
-                    settings,
-                    args.event,
-                    args.user_id,
-                    role=args.role,
-                    email=args.email,
-                    first_name=args.first_name,
-                    last_name=args.last_name,
-                )
+            event = dev.clerk_event(
+                args.event,
+                args.user_id,
+                role=args.role,
+                email=args.email,
+                first_name=args.first_name,
+                last_name=args.last_name,
             )
+            return asyncio.run(dev.send_event(settings, event))
     return 0

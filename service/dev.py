@@ -197,22 +197,12 @@ def signed_headers(secret: str, body: str, msg_id: str | None = None, *, at: dat
     }
 
 
-async def send_event(
-    settings: Settings,
-    event_type: str,
-    user_id: str,
-    *,
-    role: str | None = None,
-    email: str | None = None,
-    first_name: str | None = None,
-    last_name: str | None = None,
-) -> int:
-    """Sign one Clerk event with the dev secret and POST it to the running dev sidecar."""
+async def send_event(settings: Settings, event: dict[str, Any]) -> int:
+    """Sign one Clerk event (see :func:`clerk_event`) with the dev secret and POST it to the running dev sidecar."""
     secret_path = dev_dir(settings) / "webhook-secret"
     if not secret_path.is_file():
         print(f"authsvc: no development secret under {dev_dir(settings)}; run `authsvc dev` first", file=sys.stderr)
         return 1
-    event = clerk_event(event_type, user_id, role=role, email=email, first_name=first_name, last_name=last_name)
     body = json.dumps(event)
     headers = signed_headers(secret_path.read_text().strip(), body)
     url = _state(settings)["webhook_url"]

@@ -25,7 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
-from service.access import MAX_EXTERNAL_ID, RoleAdmin, UserReader, authorize
+from service.access import MAX_EXTERNAL_ID, RoleAdmin, UserReader, authorize, check_external_id
 from service.clerk import ClerkBackend
 from service.errors import DOMAIN, AuthError, InvalidArgument, TokenMalformed, UserNotFound, status_of
 from service.logs import fields
@@ -97,11 +97,6 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
             raise TokenMalformed("authorization metadata must be 'Bearer <token>'")
         return token.strip() or None
     return None
-
-
-def _check_external_id(external_id: str) -> None:
-    if not external_id or len(external_id) > MAX_EXTERNAL_ID:
-        raise InvalidArgument("external_id must be a non-empty user id")
 
 
 def verify_response(verified: VerifiedToken, user: UserRecord | None) -> authsvc_pb2.VerifyTokenResponse:
@@ -210,7 +205,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
         async def handle(call: _Call) -> authsvc_pb2.User:
             call.target = request.external_id[:MAX_EXTERNAL_ID]
-            _check_external_id(request.external_id)
+            check_external_id(request.external_id)
             record = await self._store.get(request.external_id)
             if record is None:
                 raise UserNotFound("user not found")

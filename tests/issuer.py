@@ -6,7 +6,7 @@ Usage::
         settings = Settings(frontend_api_url=issuer.url)
         token = issuer.mint("user_1")
 
-or ``issuer = await start_local_issuer()`` ... ``await issuer.stop()``.
+or ``await issuer.start()`` ... ``await issuer.stop()``.
 """
 
 from __future__ import annotations
@@ -103,9 +103,3 @@ class LocalIssuer:
     ) -> None:
         await self.stop()
 
-
-async def start_local_issuer() -> LocalIssuer:
-    """A started :class:`LocalIssuer`; the caller awaits ``stop()``."""
-    issuer = LocalIssuer()
-    await issuer.start()
-    return issuer
