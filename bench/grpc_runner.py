@@ -16,10 +16,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service import logs
-from service.devissuer import DevIssuer, jwks_routes
-from service.runtime import run_grpc, split_addr
+from service.app import run_grpc
 from service.settings import load
+from service.startup import split_addr
 
 
 async def serve() -> None:

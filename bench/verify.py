@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authsvc.dev.issuer import DevIssuer
 from bench.common import (
     Figure,
     Recorder,
@@ -36,7 +37,6 @@ from bench.common import (
 )
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service.database import durable_write_concern, make_client
-from service.devissuer import DevIssuer
 from service.embedded import free_port
 from service.tokens import RESULT_CACHE_SIZE
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from authsvc.dev.events import clerk_event, signed_headers
 from bench.common import (
     Figure,
     Recorder,
@@ -36,7 +37,6 @@ from bench.common import (
     workdir,
 )
 from service.database import durable_write_concern, make_client
-from service.dev import clerk_event, signed_headers
 from service.embedded import free_port
 
 SECRET = "whsec_" + base64.b64encode(b"authsvc-bench-webhook-secret-32b").decode()

@@ -2,6 +2,6 @@
 
 import sys
 
-from service.cli import main
+from authsvc.cli import main
 
-raise SystemExit(main(sys.argv[1:] or ["grpc"]))
+raise SystemExit(main(["grpc", *sys.argv[1:]]))

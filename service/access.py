@@ -7,10 +7,9 @@ of them into status codes; nothing here knows about either.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Protocol
 
-from service.clerk import ClerkBackend
+from service.clerkapi import ClerkBackend
 from service.errors import (
     CallerNotSuperadmin,
     InvalidArgument,
@@ -22,7 +21,7 @@ from service.errors import (
     UserNotFound,
     UserNotSynced,
 )
-from service.logs import fields
+from service.logs import bind, fields
 from service.roles import Role
 from service.tokens import TokenVerifier, VerifiedToken
 from service.users import UserRecord, UserStore
@@ -44,18 +43,11 @@ class UserReader(Protocol):
     async def get(self, external_id: str, *, include_tombstones: bool = False) -> UserRecord | None: ...
 
 
-# Told the verified token as soon as it is known, so the edge can log the
-# subject of calls that are denied afterwards.
-OnVerified = Callable[[VerifiedToken], None]
-
-
 async def authorize(
     verifier: TokenVerifier,
     users: UserReader,
     token: str,
     min_role: Role | None,
-    *,
-    on_verified: OnVerified | None = None,
 ) -> tuple[VerifiedToken, UserRecord | None]:
     """Verify ``token`` and apply the access rules; return the token and the synced user, if any.
 
@@ -64,8 +56,7 @@ async def authorize(
     (:class:`RoleTooLow`). Without it, an unsynced user passes with no record.
     """
     verified = await verifier.verify(token)
-    if on_verified is not None:
-        on_verified(verified)
+    bind(subject=verified.subject)  # logged even when the call is denied below
     # Tombstones included: a deleted user stays denied, never "not synced".
     user = await users.get(verified.subject, include_tombstones=True)
     if user is not None and not user.is_active:
@@ -91,8 +82,6 @@ class RoleAdmin:
         token: str | None,
         external_id: str,
         role: Role | None,
-        *,
-        on_verified: OnVerified | None = None,
     ) -> UserRecord:
         """Give ``external_id`` the role ``role`` on behalf of the holder of ``token``; return the user.
 
@@ -107,7 +96,7 @@ class RoleAdmin:
         """
         if not token:
             raise TokenMissing("authorization metadata with a bearer token is required")
-        caller, record = await authorize(self._verifier, self._store, token, None, on_verified=on_verified)
+        caller, record = await authorize(self._verifier, self._store, token, None)
         if record is None or record.role is not Role.SUPERADMIN:
             raise CallerNotSuperadmin("only an active superadmin may change roles")
 

@@ -7,10 +7,13 @@ are never passed in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 
@@ -45,3 +48,27 @@ def setup(level: str = "info") -> None:
 def fields(**values: Any) -> dict[str, Any]:
     """``extra=`` for a structured log line: ``log.info("x", extra=fields(a=1))``."""
     return {"fields": values}
+
+
+# The log fields of the call being served (a dict per call, or None outside
+# one): the edge opens it, the core adds to it with :func:`bind` (as
+# structlog's ``bound_contextvars``), and the edge writes one line from it.
+_call_fields: ContextVar[dict[str, Any] | None] = ContextVar("authsvc_call_fields", default=None)
+
+
+@contextlib.contextmanager
+def call_context() -> Iterator[dict[str, Any]]:
+    """Open the log fields of one call; :func:`bind` adds to them until the block ends."""
+    bound: dict[str, Any] = {}
+    token = _call_fields.set(bound)
+    try:
+        yield bound
+    finally:
+        _call_fields.reset(token)
+
+
+def bind(**values: Any) -> None:
+    """Add ``values`` to the current call's log fields (nothing outside a call)."""
+    bound = _call_fields.get()
+    if bound is not None:
+        bound.update(values)

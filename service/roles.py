@@ -19,8 +19,12 @@ class Role(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: object) -> Role | None:
-        """The role named ``value`` (``"admin"``), or None when it is not a known role."""
-        if isinstance(value, str):
+        """The role named ``value`` (``"admin"``, ASCII case ignored), or None when it is not a known role.
+
+        Only ASCII is folded: ``str.upper()`` maps look-alikes (a long s, a dotless i)
+        onto ASCII names, and those must never grant a role.
+        """
+        if isinstance(value, str) and value.isascii():
             try:
                 return cls[value.strip().upper()]
             except KeyError:

@@ -1,27 +1,27 @@
-"""Building and starting the grpc.aio server: AuthService, health, reflection, optional (m)TLS."""
+"""Building and starting the grpc.aio server from a servicer and settings: health, reflection, optional (m)TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
-from service.clerk import ClerkBackend
 from service.logs import fields
 from service.servicer import AuthServicer
 from service.settings import Settings
-from service.tokens import TokenVerifier
-from service.usercache import UserCache
-from service.users import UserStore
 
 log = logging.getLogger(__name__)
+
+HealthServicer = health_aio.HealthServicer
+Readiness = Callable[[], Awaitable[bool]]
 
 SERVICE_NAME: str = authsvc_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 HEALTH_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -40,20 +40,18 @@ class GrpcBindError(OSError):
 
 
 @dataclass
-class GrpcService:
+class GrpcServer:
     """A started gRPC server and the task that keeps its health status current."""
 
     server: grpc.aio.Server
     port: int
-    health: HealthServicer | None = field(default=None, repr=False)
+    health: HealthServicer = field(repr=False)
     health_task: asyncio.Task[None] | None = field(default=None, repr=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    users: UserCache | None = field(default=None, repr=False)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Report NOT_SERVING, let calls in flight finish for ``grace_s``, stop the health checks."""
-        if self.health is not None:
-            await self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.stopping.set()
         if self.health_task is not None:
@@ -65,8 +63,6 @@ class GrpcService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.health_task
             self.health_task = None
-        if self.users is not None:
-            await self.users.close()
 
 
 async def _set_health(health: HealthServicer, serving: bool) -> None:
@@ -75,8 +71,8 @@ async def _set_health(health: HealthServicer, serving: bool) -> None:
         await health.set(name, status)
 
 
-async def _watch_database(
-    health: HealthServicer, store: UserStore, interval_s: float, serving: bool, stopping: asyncio.Event
+async def _watch(
+    health: HealthServicer, ready: Readiness, interval_s: float, serving: bool, stopping: asyncio.Event
 ) -> None:
     while True:
         with contextlib.suppress(TimeoutError):
@@ -84,7 +80,7 @@ async def _watch_database(
         if stopping.is_set():
             return
         try:
-            now = await store.ping()
+            now = await ready()
         except Exception:
             # The watcher must outlive any surprise: report it and count it as down.
             log.exception("health check failed")
@@ -105,24 +101,22 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-async def start_grpc(
+async def start_server(
     settings: Settings,
-    store: UserStore,
-    verifier: TokenVerifier,
-    clerk: ClerkBackend | None,
+    servicer: AuthServicer,
+    ready: Readiness,
     *,
     health_interval_s: float = 2.0,
-) -> GrpcService:
-    """Serve AuthService, Health and reflection on ``settings.grpc_addr``; return the bound port.
+) -> GrpcServer:
+    """Serve ``servicer``, Health and reflection on ``settings.grpc_addr``; return the server and bound port.
 
     TLS when ``tls_cert``/``tls_key`` are set; with ``tls_client_ca`` clients
     must present a certificate it signed. Health reports SERVING (overall and
-    for AuthService) only while the database answers a ping, re-checked every
+    for AuthService) only while ``ready()`` is true, re-checked every
     ``health_interval_s``. Raises :class:`GrpcBindError` if the address cannot be bound.
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    users = UserCache(store)
-    authsvc_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(store, verifier, clerk, users), server)
+    authsvc_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
@@ -136,12 +130,11 @@ async def start_grpc(
     except RuntimeError as exc:
         raise GrpcBindError(f"cannot listen on {settings.grpc_addr}: the address is in use or not local") from exc
 
-    serving = await store.ping()
+    serving = await ready()
     await _set_health(health, serving)
-    await users.start()
     await server.start()
     stopping = asyncio.Event()
-    task = asyncio.create_task(_watch_database(health, store, health_interval_s, serving, stopping), name="grpc-health")
+    task = asyncio.create_task(_watch(health, ready, health_interval_s, serving, stopping), name="grpc-health")
     log.info(
         "grpc serving",
         extra=fields(
@@ -149,7 +142,7 @@ async def start_grpc(
             port=port,
             tls=credentials is not None,
             mtls=settings.tls_client_ca is not None,
-            database=serving,
+            ready=serving,
         ),
     )
-    return GrpcService(server=server, port=port, health=health, health_task=task, stopping=stopping, users=users)
+    return GrpcServer(server=server, port=port, health=health, health_task=task, stopping=stopping)

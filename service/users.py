@@ -21,7 +21,6 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from service.clerk import UserProfile
 from service.errors import DatabaseUnavailable
 from service.logs import fields
 from service.roles import DEFAULT_ROLE, Role
@@ -38,6 +37,18 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"
     STALE = "stale"
     IGNORED = "ignored"
+
+
+@dataclass(frozen=True, slots=True)
+class UserProfile:
+    """The fields of a Clerk user that authsvc mirrors (see :mod:`service.clerkuser`)."""
+
+    external_id: str
+    name: str
+    email: str | None
+    role: Role
+    is_active: bool
+    clerk_updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

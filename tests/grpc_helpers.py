@@ -27,12 +27,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from protos.authsvc.v1 import authsvc_pb2_grpc
-from service.clerk import ClerkBackend, UserProfile
+from service.app import GrpcService, grpc_service
+from service.clerkapi import ClerkBackend
 from service.roles import Role
-from service.server import GrpcService, start_grpc
 from service.settings import Settings
 from service.tokens import TokenVerifier
-from service.users import UserStore
+from service.users import UserProfile, UserStore
 from tests.issuer import LocalIssuer
 
 FRONTEND = "http://localhost:3000"
@@ -79,11 +79,17 @@ class Harness:
     settings: Settings
     store: UserStore
     issuer: LocalIssuer
-    verifier: TokenVerifier
     service: GrpcService
     channel: grpc.aio.Channel
     stub: authsvc_pb2_grpc.AuthServiceStub
-    clerk: ClerkBackend | None = None
+
+    @property
+    def verifier(self) -> TokenVerifier:
+        return self.service.verifier
+
+    @property
+    def clerk(self) -> ClerkBackend | None:
+        return self.service.clerk
 
     @property
     def target(self) -> str:
@@ -110,7 +116,6 @@ async def serve(
     issuer: LocalIssuer,
     *,
     clerk: FakeClerk | None = None,
-    start_verifier: bool = True,
     health_interval_s: float = 2.0,
     **changes: Any,
 ) -> AsyncIterator[Harness]:
@@ -118,31 +123,11 @@ async def serve(
     if clerk is not None:
         changes.update(clerk_api_url=clerk.url, clerk_secret_key=CLERK_SECRET)
     settings = issuer_settings(settings, issuer, **changes)
-    verifier = TokenVerifier(settings)
-    if start_verifier:
-        await verifier.start()
-    backend = (
-        ClerkBackend(settings.clerk_api_url, settings.clerk_secret_key) if settings.clerk_secret_key else None
-    )
-    service = await start_grpc(settings, store, verifier, backend, health_interval_s=health_interval_s)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
-    try:
-        yield Harness(
-            settings,
-            store,
-            issuer,
-            verifier,
-            service,
-            channel,
-            authsvc_pb2_grpc.AuthServiceStub(channel),
-            backend,
-        )
-    finally:
-        await channel.close()
-        await service.stop(grace_s=0.5)
-        await verifier.close()
-        if backend is not None:
-            await backend.close()
+    async with (
+        grpc_service(settings, store, health_interval_s=health_interval_s, grace_s=0.5) as service,
+        grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
+    ):
+        yield Harness(settings, store, issuer, service, channel, authsvc_pb2_grpc.AuthServiceStub(channel))
 
 
 async def seed(

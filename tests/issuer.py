@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from service.devissuer import JWKS_PATH, DevIssuer
+from authsvc.dev.issuer import JWKS_PATH, DevIssuer
 
 
 class LocalIssuer:

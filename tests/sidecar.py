@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from service.dev import signed_headers
+from authsvc.dev.events import signed_headers
 from service.embedded import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clerk"

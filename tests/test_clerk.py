@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from service.clerk import login_from_event, parse_event, profile_from_event
 from service.errors import InvalidEvent
 from service.roles import Role
 from tests.sidecar import fixture
+from webhook.events import login_from_event, parse_event, profile_from_event
 
 
 def event_of(name: str, **data: object):  # type: ignore[no-untyped-def]

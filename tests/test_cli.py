@@ -162,7 +162,7 @@ async def test_grpc_refuses_to_start_without_an_issuer(tmp_path: Path) -> None:
 
 async def test_missing_embedded_extra_exits_2_with_one_line(tmp_path: Path) -> None:
     # As if `authsvc[embedded]` were not installed: the import system finds no secantus.
-    script = "import sys; sys.modules['secantus'] = None; from service.cli import main; sys.exit(main(['webhook']))"
+    script = "import sys; sys.modules['secantus'] = None; from authsvc.cli import main; sys.exit(main(['webhook']))"
     env = subprocess_env(CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET, AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{free_port()}")
     code, _, err = await run(sys.executable, "-c", script, env=env, cwd=tmp_path)
     assert code == 2

@@ -20,12 +20,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authsvc.dev.issuer import DevIssuer
 from protos.authsvc.v1 import authsvc_pb2 as pb
+from protos.authsvc.v1 import authsvc_pb2_grpc
+from service.access import RoleAdmin
 from service.database import durable_write_concern, make_client
-from service.devissuer import DevIssuer
 from service.embedded import EmbeddedMongo
 from service.roles import Role
-from service.server import GrpcBindError, start_grpc
+from service.server import GrpcBindError, start_server
+from service.servicer import AuthServicer
 from service.settings import Settings
 from service.tokens import TokenVerifier
 from service.users import UserStore
@@ -43,6 +46,12 @@ from tests.grpc_helpers import (
 from tests.issuer import LocalIssuer
 
 SA, SA2, ADMIN, STAFF, GONE = "user_sa", "user_sa2", "user_admin", "user_staff", "user_gone"
+
+
+def bare_servicer(settings: Settings, store: UserStore) -> AuthServicer:
+    """A servicer over a verifier that was never started (no composition root)."""
+    verifier = TokenVerifier(settings)
+    return AuthServicer(store, verifier, store, RoleAdmin(store, verifier, None))
 
 
 @pytest.fixture
@@ -230,8 +239,14 @@ async def test_unexpected_exception_is_internal_with_a_request_id_and_no_detail(
 ) -> None:
     # A verifier that was never started raises a RuntimeError (a programming
     # error, not an AuthError) when it has to fetch keys.
-    async with serve(settings, store, issuer, start_verifier=False) as h:
-        code, reason, message = await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF))))
+    unstarted = issuer_settings(settings, issuer)
+    server = await start_server(unstarted, bare_servicer(unstarted, store), store.ping)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = authsvc_pb2_grpc.AuthServiceStub(channel)
+            code, reason, message = await rpc_error(stub.VerifyToken(pb.VerifyTokenRequest(token=issuer.mint(STAFF))))
+    finally:
+        await server.stop(grace_s=0)
     assert (code, reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
     assert message.startswith("internal error (request id ") and "start()" not in message
     request_id = message.removeprefix("internal error (request id ").rstrip(")")
@@ -526,9 +541,8 @@ async def test_address_in_use_is_a_clear_error(settings: Settings, store: UserSt
         sock.listen()
         port = sock.getsockname()[1]
         busy = issuer_settings(settings, issuer, grpc_addr=f"127.0.0.1:{port}")
-        verifier = TokenVerifier(busy)
         with pytest.raises(GrpcBindError, match=f"127.0.0.1:{port}"):
-            await start_grpc(busy, store, verifier, None)
+            await start_server(busy, bare_servicer(busy, store), store.ping)
 
 
 async def test_tls_and_mutual_tls(settings: Settings, store: UserStore, issuer: LocalIssuer, tmp_path: Path) -> None:
@@ -544,7 +558,7 @@ async def test_tls_and_mutual_tls(settings: Settings, store: UserStore, issuer: 
         (dataclasses.replace(tls, tls_client_ca=pki.ca), client_pair, True),
         (dataclasses.replace(tls, tls_client_ca=pki.ca), {}, False),
     ]:
-        service = await start_grpc(server_settings, store, TokenVerifier(server_settings), None)
+        service = await start_server(server_settings, bare_servicer(server_settings, store), store.ping)
         credentials = grpc.ssl_channel_credentials(root_certificates=ca, **client_certs)
         try:
             async with grpc.aio.secure_channel(f"127.0.0.1:{service.port}", credentials) as channel:
@@ -596,7 +610,7 @@ async def test_shutdown_lets_a_call_in_flight_finish_and_refuses_new_ones(
         in_flight = asyncio.ensure_future(h.stub.VerifyToken(pb.VerifyTokenRequest(token=issuer.mint(STAFF))))
         while issuer.fetches < 2:
             await asyncio.sleep(0.01)
-        stopping = asyncio.create_task(h.service.stop(grace_s=5.0))
+        stopping = asyncio.create_task(h.service.server.stop(grace_s=5.0))
         await asyncio.sleep(0.1)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF)), timeout=2)

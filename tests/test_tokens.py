@@ -21,8 +21,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
+from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service import errors
-from service.devissuer import DevIssuer, jwks_routes
 from service.settings import Settings
 from service.tokens import MAX_TOKEN_BYTES, TokenVerifier
 from tests.issuer import LocalIssuer

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from service.clerk import UserProfile
 from service.roles import Role
-from service.users import Outcome, UserStore
+from service.users import Outcome, UserProfile, UserStore
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 

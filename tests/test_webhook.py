@@ -14,15 +14,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.clerk import parse_event, profile_from_event
+from authsvc.dev.events import signed_headers
 from service.database import Database
-from service.dev import signed_headers
 from service.embedded import EmbeddedMongo
-from service.runtime import start_webhook
 from service.settings import Settings
 from service.users import UserStore
 from tests.conftest import WEBHOOK_SECRET, open_test_database, subprocess_env
 from tests.sidecar import Sender, SidecarProcess, fixture
+from webhook.events import parse_event, profile_from_event
+from webhook.main import sidecar
 
 UID = "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another-secret-of-32-bytes-long!").decode()
@@ -37,10 +37,8 @@ def at_ms(value: int) -> datetime:
 
 
 async def serve(settings: Settings, store: UserStore) -> AsyncIterator[Sender]:
-    runner, port = await start_webhook(settings, store)
-    async with aiohttp.ClientSession() as session:
+    async with sidecar(settings, store) as port, aiohttp.ClientSession() as session:
         yield Sender(session, f"http://127.0.0.1:{port}{settings.webhook_path}", WEBHOOK_SECRET)
-    await runner.cleanup()
 
 
 @pytest.fixture
@@ -334,17 +332,13 @@ async def test_event_without_data_id_from_fixture_is_400(sender: Sender, store: 
 
 
 async def test_health_and_readiness(settings: Settings, store: UserStore) -> None:
-    runner, port = await start_webhook(settings, store)
-    try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
-                assert r.status == 200
-            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
-                assert r.status == 200
-            async with session.get(f"http://127.0.0.1:{port}{settings.webhook_path}") as r:
-                assert r.status == 405
-    finally:
-        await runner.cleanup()
+    async with sidecar(settings, store) as port, aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
+            assert r.status == 200
+        async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
+            assert r.status == 200
+        async with session.get(f"http://127.0.0.1:{port}{settings.webhook_path}") as r:
+            assert r.status == 405
 
 
 # --- outages: nothing is ever lost ---------------------------------------------------------------

@@ -1,5 +1,7 @@
 """``python -m webhook``: the same as ``authsvc webhook``."""
 
-from service.cli import main
+import sys
 
-raise SystemExit(main(["webhook"]))
+from authsvc.cli import main
+
+raise SystemExit(main(["webhook", *sys.argv[1:]]))

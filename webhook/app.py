@@ -8,12 +8,12 @@ from http import HTTPStatus
 
 from aiohttp import web
 
-from service.clerk import parse_event
 from service.errors import AuthError, PayloadTooLarge, status_of
 from service.logs import fields
 from service.settings import Settings
 from service.users import UserStore
 from webhook.deliveries import apply, plan
+from webhook.events import parse_event
 from webhook.signatures import SignatureVerifier, header
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from service.clerk import USER_EVENTS, ClerkEvent, login_from_event, profile_from_event, require_id
 from service.users import Outcome, UserStore
+from webhook.events import USER_EVENTS, ClerkEvent, deleted_id, login_from_event, profile_from_event
 
 Effect = Callable[[UserStore], Awaitable[Outcome]]
 
@@ -39,10 +39,10 @@ def plan(svix_id: str, event: ClerkEvent) -> Delivery:
             return await store.upsert_from_clerk(profile, svix_id)
 
     elif event.type == "user.deleted":
-        deleted_id = external_id = require_id(event.data)
+        gone = external_id = deleted_id(event)
 
         async def effect(store: UserStore) -> Outcome:
-            return await store.delete(deleted_id)
+            return await store.delete(gone)
 
     elif event.type == "session.created":
         user_id, at = login_from_event(event)

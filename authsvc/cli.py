@@ -9,8 +9,8 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 from service import logs
-from service.runtime import StartupError, run_grpc, run_webhook
 from service.settings import SettingsError, load
+from service.startup import StartupError
 
 EXIT_CONFIG = 2
 
@@ -62,19 +62,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.setup(settings.log_level)
 
-    from service import dev  # the development tools are only loaded when asked for
-
     with contextlib.suppress(BrokenPipeError):
         if args.command == "webhook":
+            from webhook.main import run_webhook
+
             return _run(lambda: run_webhook(settings))
         if args.command == "grpc":
+            from service.app import run_grpc
+
             return _run(lambda: run_grpc(settings))
+        # The development tools are only loaded when asked for.
+        from authsvc.dev import events, run
+
         if args.command == "dev":
-            return _run(lambda: dev.run(settings))
+            return _run(lambda: run.run(settings))
         if args.command == "dev-token":
-            return dev.print_token(settings, args.subject, ttl_s=args.ttl)
+            return run.print_token(settings, args.subject, ttl_s=args.ttl)
         if args.command == "dev-webhook":
-            event = dev.clerk_event(
+            event = events.clerk_event(
                 args.event,
                 args.user_id,
                 role=args.role,
@@ -82,5 +87,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                 first_name=args.first_name,
                 last_name=args.last_name,
             )
-            return asyncio.run(dev.send_event(settings, event))
+            return asyncio.run(events.send_event(settings, event))
     return 0

@@ -1,0 +1,128 @@
+"""`authsvc dev`: both halves in one process, with a development issuer and webhook secret.
+
+Everything lives under ``AUTHSVC_DATA_DIR/dev/``: the issuer's RSA key (made
+once), the ``whsec_`` secret (made once) and ``dev.json``, which tells
+``dev-token`` and ``dev-webhook`` where the running dev process listens.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from authsvc.dev.issuer import DevIssuer, jwks_routes
+from service.app import grpc_service
+from service.settings import Settings
+from service.startup import StartupError, split_addr, until_signalled, user_store
+from webhook.main import sidecar
+
+DEV_AZP = "http://localhost:3000"
+
+
+def dev_dir(settings: Settings) -> Path:
+    return settings.data_dir / "dev"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def webhook_secret(directory: Path) -> str:
+    """The development ``whsec_`` secret, generated on first use and kept."""
+    path = directory / "webhook-secret"
+    if path.is_file():
+        return path.read_text().strip()
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    _write_private(path, secret + "\n")
+    return secret
+
+
+def state_of(settings: Settings) -> dict[str, str]:
+    path = dev_dir(settings) / "dev.json"
+    if not path.is_file():
+        host, port = split_addr(settings.webhook_addr)
+        return {"issuer": f"http://{host}:{port}", "webhook_url": f"http://{host}:{port}{settings.webhook_path}"}
+    state: dict[str, str] = json.loads(path.read_text())
+    return state
+
+
+def banner(state: dict[str, str]) -> str:
+    grpc_addr = state["grpc_addr"]
+    return f"""
+authsvc dev is running (embedded database, development issuer; never use in production)
+
+  webhook sidecar  {state["webhook_url"]}
+  gRPC             {grpc_addr}   (reflection and health on)
+  issuer (iss)     {state["issuer"]}   JWKS: {state["issuer"]}/.well-known/jwks.json
+  webhook secret   {state["secret"]}
+  data             {state["data_dir"]}
+
+In another terminal (from the repository: source .venv/bin/activate):
+
+  authsvc dev-webhook user.created --id user_1 --role superadmin --email ada@example.com --first-name Ada
+  authsvc dev-webhook user.created --id user_2 --role staff
+  TOKEN=$(authsvc dev-token user_1)
+
+  grpcurl -plaintext {grpc_addr} list
+  grpcurl -plaintext -d "{{\\"token\\": \\"$TOKEN\\", \\"min_role\\": \\"ROLE_ADMIN\\"}}" \\
+      {grpc_addr} authsvc.v1.AuthService/VerifyToken
+  grpcurl -plaintext -d '{{"external_id": "user_2"}}' {grpc_addr} authsvc.v1.AuthService/GetUser
+  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"external_id": "user_2", "role": "ROLE_ADMIN"}}' \\
+      {grpc_addr} authsvc.v1.AuthService/SetRole
+  grpcurl -plaintext {grpc_addr} grpc.health.v1.Health/Check
+
+Ctrl-C stops it; data stays in {state["data_dir"]}.
+"""
+
+
+async def run(settings: Settings) -> None:
+    """Run the sidecar and the gRPC service in one process with development credentials."""
+    if settings.env == "production":
+        raise StartupError("authsvc dev refuses to run with AUTHSVC_ENV=production")
+    directory = dev_dir(settings)
+    issuer = DevIssuer.load_or_create(directory)
+    secret = webhook_secret(directory)
+    host, port = split_addr(settings.webhook_addr)
+    issuer_url = f"http://{host}:{port}"
+    settings = replace(
+        settings,
+        webhook_secrets=(secret,),
+        frontend_api_url=issuer_url,
+        jwks_url=None,
+        jwt_key=None,
+        authorized_parties=settings.authorized_parties or (DEV_AZP,),
+    )
+    async with (
+        user_store(settings) as store,
+        sidecar(settings, store, jwks_routes(issuer)),
+        grpc_service(settings, store) as service,
+    ):
+        state = {
+            "issuer": issuer_url,
+            "webhook_url": f"{issuer_url}{settings.webhook_path}",
+            "grpc_addr": f"{settings.grpc_addr.rsplit(':', 1)[0]}:{service.port}",
+            "secret": secret,
+            "data_dir": str(settings.data_dir.resolve()),
+        }
+        _write_private(directory / "dev.json", json.dumps(state, indent=2))
+        print(banner(state), flush=True)
+        await until_signalled()
+
+
+def print_token(settings: Settings, subject: str, *, ttl_s: int = 3600) -> int:
+    """Print a session token for ``subject`` signed by the development issuer."""
+    directory = dev_dir(settings)
+    if not (directory / "issuer-key.pem").is_file():
+        print(f"authsvc: no development issuer under {directory}; run `authsvc dev` first", file=sys.stderr)
+        return 1
+    issuer = DevIssuer.load_or_create(directory)
+    print(issuer.mint(subject, issuer=state_of(settings)["issuer"], azp=DEV_AZP, ttl_s=ttl_s))
+    return 0

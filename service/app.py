@@ -1,0 +1,75 @@
+"""The gRPC process's composition root: every resource built here, in one ``AsyncExitStack``.
+
+:func:`grpc_service` builds the token verifier, the optional Clerk client,
+the user cache, the role rules, the servicer and the server over a store the
+caller owns, and closes them in reverse order. ``authsvc grpc`` wraps it in
+:func:`run_grpc`; ``authsvc dev`` and the tests use it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from service.access import RoleAdmin
+from service.clerkapi import ClerkBackend
+from service.server import GrpcBindError, GrpcServer, start_server
+from service.servicer import AuthServicer
+from service.settings import Settings
+from service.startup import StartupError, until_signalled, user_store
+from service.tokens import TokenVerifier
+from service.usercache import UserCache
+from service.users import UserStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    """A running gRPC service and the parts it was built from (tests reach into them)."""
+
+    server: GrpcServer
+    verifier: TokenVerifier
+    users: UserCache
+    clerk: ClerkBackend | None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+@contextlib.asynccontextmanager
+async def grpc_service(
+    settings: Settings, store: UserStore, *, health_interval_s: float = 2.0, grace_s: float = 5.0
+) -> AsyncIterator[GrpcService]:
+    """Serve AuthService over ``store`` on ``settings.grpc_addr`` until the block exits."""
+    async with contextlib.AsyncExitStack() as stack:
+        verifier = TokenVerifier(settings)
+        stack.push_async_callback(verifier.close)
+        await verifier.start()
+        clerk = None
+        if settings.clerk_secret_key:
+            clerk = ClerkBackend(settings.clerk_api_url, settings.clerk_secret_key)
+            stack.push_async_callback(clerk.close)
+        users = UserCache(store)
+        stack.push_async_callback(users.close)
+        await users.start()
+        servicer = AuthServicer(store, verifier, users, RoleAdmin(store, verifier, clerk))
+        try:
+            server = await start_server(settings, servicer, store.ping, health_interval_s=health_interval_s)
+        except GrpcBindError as exc:
+            raise StartupError(str(exc)) from exc
+        stack.push_async_callback(server.stop, grace_s)
+        if not settings.authorized_parties:
+            log.warning("CLERK_AUTHORIZED_PARTIES is unset: the azp claim is not checked")
+        if not settings.clerk_secret_key:
+            log.warning("CLERK_SECRET_KEY is unset: SetRole writes MongoDB only; the next Clerk event wins")
+        yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk)
+
+
+async def run_grpc(settings: Settings) -> None:
+    """``authsvc grpc``: serve until SIGTERM/SIGINT, then stop gracefully."""
+    async with user_store(settings) as store, grpc_service(settings, store):
+        await until_signalled()

@@ -1,0 +1,74 @@
+"""A verified webhook body -> a Clerk event envelope (pure; raises :class:`InvalidEvent`).
+
+Only the sidecar reads webhook envelopes; the user object inside one is mapped
+by :mod:`service.clerkuser`, which sync and just-in-time fetches share.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from service.clerkuser import clerk_id, from_millis, profile_of, text
+from service.errors import InvalidEvent
+from service.users import UserProfile
+
+USER_EVENTS = frozenset({"user.created", "user.updated"})
+
+
+@dataclass(frozen=True, slots=True)
+class ClerkEvent:
+    type: str
+    data: dict[str, Any]
+    timestamp: datetime | None
+
+    @property
+    def subject_id(self) -> str | None:
+        """The Clerk user id this event is about, when it is about one (not validated)."""
+        key = "user_id" if self.type.startswith("session.") else "id"
+        value = self.data.get(key)
+        return value if isinstance(value, str) else None
+
+
+def parse_event(body: bytes) -> ClerkEvent:
+    """Parse a verified webhook body into a :class:`ClerkEvent` (raises :class:`InvalidEvent`)."""
+    try:
+        payload = json.loads(body)
+    except RecursionError as exc:  # valid JSON nested deeper than the parser goes
+        raise InvalidEvent("body is nested too deeply") from exc
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer past Python's 4300-digit limit
+        raise InvalidEvent("body is not JSON") from exc
+    if not isinstance(payload, dict):
+        raise InvalidEvent("body must be a JSON object")
+    event_type = text(payload.get("type"), "type", max_len=128)
+    if not event_type:
+        raise InvalidEvent("type must be a non-empty string")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise InvalidEvent("data must be an object")
+    raw_ts = payload.get("timestamp")
+    timestamp = None if raw_ts is None else from_millis(raw_ts, "timestamp")
+    return ClerkEvent(type=event_type, data=data, timestamp=timestamp)
+
+
+def profile_from_event(event: ClerkEvent) -> UserProfile:
+    """The user of a ``user.created``/``user.updated`` event; the envelope time stands in for ``updated_at``."""
+    return profile_of(event.data, fallback_updated_at=event.timestamp)
+
+
+def deleted_id(event: ClerkEvent) -> str:
+    """The user id of a ``user.deleted`` event."""
+    return clerk_id(event.data.get("id"), "data.id")
+
+
+def login_from_event(event: ClerkEvent) -> tuple[str, datetime]:
+    """``(user_id, when)`` of a ``session.created``: ``data.created_at``, else the envelope time."""
+    user_id = clerk_id(event.data.get("user_id"), "data.user_id")
+    raw = event.data.get("created_at")
+    if raw is not None:
+        return user_id, from_millis(raw, "data.created_at")
+    if event.timestamp is not None:
+        return user_id, event.timestamp
+    raise InvalidEvent("data.created_at or timestamp is required")

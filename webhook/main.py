@@ -1,0 +1,44 @@
+"""The sidecar process's composition root: the aiohttp app served over a store, until a signal."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from aiohttp import web
+
+from service.logs import fields
+from service.settings import Settings
+from service.startup import StartupError, split_addr, until_signalled, user_store
+from service.users import UserStore
+from webhook.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def sidecar(settings: Settings, store: UserStore, routes: Sequence[web.RouteDef] = ()) -> AsyncIterator[int]:
+    """Serve the sidecar on ``AUTHSVC_WEBHOOK_ADDR`` until the block exits; yields the bound port."""
+    app = create_app(settings, store)
+    app.add_routes(list(routes))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        host, port = split_addr(settings.webhook_addr)
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.webhook_addr}: {exc.strerror}") from exc
+        bound: int = runner.addresses[0][1] if runner.addresses else port
+        log.info("webhook sidecar listening", extra=fields(addr=f"{host}:{bound}", path=settings.webhook_path))
+        yield bound
+    finally:
+        await runner.cleanup()
+
+
+async def run_webhook(settings: Settings) -> None:
+    """``authsvc webhook``: serve until SIGTERM/SIGINT."""
+    async with user_store(settings) as store, sidecar(settings, store):
+        await until_signalled()
