@@ -1,22 +1,29 @@
-"""Typed, frozen settings read once from the environment and `.env`.
+"""Typed, frozen settings read once from the environment and `.env` (pydantic + python-dotenv).
 
 Only the CLI calls :func:`load`; everything else receives a :class:`Settings`.
-Tests build ``Settings(...)`` directly.
+Tests build ``Settings(...)`` directly, by field name. Each field's alias is
+its environment variable; its description is what ``authsvc CMD --help``
+prints. Every problem is collected and reported at once, one line each.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import importlib.util
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 DeleteMode = Literal["soft", "hard"]
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class SettingsError(Exception):
@@ -25,87 +32,6 @@ class SettingsError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    mongodb_uri: str | None = None
-    mongodb_db: str = "authsvc"
-    data_dir: Path = Path(".data")
-    webhook_secrets: tuple[str, ...] = ()
-    frontend_api_url: str | None = None
-    jwks_url: str | None = None
-    jwt_key: str | None = None
-    authorized_parties: tuple[str, ...] = ()
-    jwt_audience: str | None = None
-    clerk_secret_key: str | None = field(default=None, repr=False)
-    clerk_api_url: str = "https://api.clerk.com"
-    grpc_addr: str = "127.0.0.1:50051"
-    webhook_addr: str = "127.0.0.1:8080"
-    webhook_path: str = "/clerk-users-webhook"
-    delete_mode: DeleteMode = "soft"
-    clock_skew_s: int = 5
-    log_level: str = "info"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    env: str = "development"
-
-    @property
-    def issuer(self) -> str | None:
-        """The expected ``iss``: the Frontend API URL without a trailing slash."""
-        return self.frontend_api_url.rstrip("/") if self.frontend_api_url else None
-
-    @property
-    def resolved_jwks_url(self) -> str | None:
-        if self.jwks_url:
-            return self.jwks_url
-        if self.issuer:
-            return f"{self.issuer}/.well-known/jwks.json"
-        return None
-
-    def check_webhook(self) -> None:
-        """Raise :class:`SettingsError` unless the sidecar can start."""
-        problems = []
-        if not self.webhook_secrets:
-            problems.append("CLERK_WEBHOOK_SECRET is required by the webhook sidecar (whsec_...)")
-        if not self.webhook_path.startswith("/"):
-            problems.append("AUTHSVC_WEBHOOK_PATH must start with '/'")
-        if problems:
-            raise SettingsError(problems)
-
-    def check_grpc(self) -> None:
-        """Raise :class:`SettingsError` unless the gRPC service can start."""
-        problems = []
-        if not self.frontend_api_url and not self.jwt_key:
-            problems.append("CLERK_FRONTEND_API_URL (or CLERK_JWT_KEY) is required by the gRPC service")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            problems.append("AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY must be set together")
-        if self.tls_client_ca and not self.tls_cert:
-            problems.append("AUTHSVC_TLS_CLIENT_CA needs AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY")
-        if problems:
-            raise SettingsError(problems)
-
-
-def read_dotenv(path: Path) -> dict[str, str]:
-    """Parse a `.env` file: ``KEY=value`` lines, ``#`` comments, optional quotes."""
-    values: dict[str, str] = {}
-    if not path.is_file():
-        return values
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :]
-        key, sep, value = line.partition("=")
-        if not sep:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
 
 
 def check_webhook_secret(secret: str) -> str | None:
@@ -122,102 +48,304 @@ def check_webhook_secret(secret: str) -> str | None:
     return None
 
 
-def _addr_problem(name: str, value: str) -> str | None:
+def _split(value: object, sep: str | None) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(sep) if part.strip())
+    return value
+
+
+def _addr(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        return f"{name} must be HOST:PORT, got {value!r}"
-    return None
+        raise ValueError(f"must be HOST:PORT, got {value!r}")
+    return value
 
 
-def _url_problem(name: str, value: str) -> str | None:
+def _url(value: str | None) -> str | None:
+    if value is None:
+        return None
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        return f"{name} must be an http(s) URL, got {value!r}"
-    return None
+        raise ValueError(f"must be an http(s) URL, got {value!r}")
+    return value
+
+
+def _switch(value: object) -> object:
+    if isinstance(value, str):
+        lowered = value.lower()
+        if lowered in ("on", "true", "1", "yes"):
+            return True
+        if lowered in ("off", "false", "0", "no"):
+            return False
+        raise ValueError(f"must be 'on' or 'off', got {value!r}")
+    return value
+
+
+def _file(value: Path | None) -> Path | None:
+    if value is not None and not value.is_file():
+        raise ValueError(f"points at {str(value)!r}, which is not a readable file")
+    return value
+
+
+class Settings(BaseModel):
+    """Every setting of authsvc; the alias of each field is its environment variable."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    mongodb_uri: str | None = Field(
+        None, alias="MONGODB_URI", description="MongoDB URI (a replica set in production); unset: embedded server"
+    )
+    mongodb_db: str = Field("authsvc", alias="MONGODB_DB", description="database name")
+    data_dir: Path = Field(
+        Path(".data"), alias="AUTHSVC_DATA_DIR", description="embedded database files, development keys"
+    )
+    webhook_secrets: tuple[str, ...] = Field(
+        (), alias="CLERK_WEBHOOK_SECRET", description="whsec_... (several, space-separated, during a rotation)"
+    )
+    frontend_api_url: str | None = Field(
+        None, alias="CLERK_FRONTEND_API_URL", description="the issuer (iss) of session tokens; JWKS below it"
+    )
+    jwks_url: str | None = Field(None, alias="CLERK_JWKS_URL", description="overrides the JWKS address")
+    jwt_key: str | None = Field(
+        None, alias="CLERK_JWT_KEY", description="PEM RSA public key: networkless verification", repr=False
+    )
+    authorized_parties: tuple[str, ...] = Field(
+        (), alias="CLERK_AUTHORIZED_PARTIES", description="comma-separated allowed azp origins; unset: not checked"
+    )
+    jwt_audience: str | None = Field(None, alias="CLERK_JWT_AUDIENCE", description="required aud; unset: not checked")
+    clerk_secret_key: str | None = Field(
+        None,
+        alias="CLERK_SECRET_KEY",
+        description="Backend API key: role write-through, sync, just-in-time fetches",
+        repr=False,
+    )
+    clerk_api_url: str = Field("https://api.clerk.com", alias="CLERK_API_URL", description="Backend API base URL")
+    grpc_addr: str = Field("127.0.0.1:50051", alias="AUTHSVC_GRPC_ADDR", description="gRPC listen address")
+    webhook_addr: str = Field("127.0.0.1:8080", alias="AUTHSVC_WEBHOOK_ADDR", description="sidecar listen address")
+    webhook_path: str = Field("/clerk-users-webhook", alias="AUTHSVC_WEBHOOK_PATH", description="webhook path")
+    delete_mode: DeleteMode = Field(
+        "soft", alias="AUTHSVC_DELETE_MODE", description="soft: keep the profile inactive; hard: keep a tombstone"
+    )
+    clock_skew_s: int = Field(
+        5, ge=0, le=300, alias="AUTHSVC_CLOCK_SKEW_S", description="leeway in seconds for exp/nbf/iat"
+    )
+    log_level: LogLevel = Field("info", alias="AUTHSVC_LOG_LEVEL", description="debug, info, warning or error")
+    tls_cert: Path | None = Field(None, alias="AUTHSVC_TLS_CERT", description="gRPC TLS certificate (PEM file)")
+    tls_key: Path | None = Field(None, alias="AUTHSVC_TLS_KEY", description="gRPC TLS private key (PEM file)")
+    tls_client_ca: Path | None = Field(
+        None, alias="AUTHSVC_TLS_CLIENT_CA", description="client CA: with it, mutual TLS is required"
+    )
+    env: str = Field(
+        "development", alias="AUTHSVC_ENV", description="production refuses the embedded database and authsvc dev"
+    )
+    drain_s: float = Field(
+        2.0, ge=0, le=300, alias="AUTHSVC_DRAIN_S", description="on SIGTERM: NOT_SERVING, keep serving this long"
+    )
+    workers: int = Field(
+        1, ge=1, le=256, alias="AUTHSVC_WORKERS", description="worker processes (an integer, or auto = CPU count)"
+    )
+    metrics_addr: str = Field(
+        "127.0.0.1:9464", alias="AUTHSVC_METRICS_ADDR", description="where authsvc grpc serves GET /metrics"
+    )
+    sync_interval_s: float = Field(
+        0.0, ge=0, alias="AUTHSVC_SYNC_INTERVAL_S", description="the sidecar reconciles from Clerk this often; 0: off"
+    )
+    jit_sync: bool = Field(
+        True, alias="AUTHSVC_JIT_SYNC", description="on: VerifyToken fetches an unsynced user from Clerk"
+    )
+    ext_authz: bool = Field(
+        False, alias="AUTHSVC_EXT_AUTHZ", description="on: serve Envoy's envoy.service.auth.v3.Authorization/Check"
+    )
+
+    # --- parsing and validation of single fields --------------------------------
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: object) -> object:
+        return _split(value, None)
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _check_secrets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        problems = []
+        for index, secret in enumerate(value, 1):
+            problem = check_webhook_secret(secret)
+            if problem:
+                which = f"secret {index} of {len(value)} " if len(value) > 1 else ""
+                problems.append(f"{which}{problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("authorized_parties", mode="before")
+    @classmethod
+    def _split_parties(cls, value: object) -> object:
+        value = _split(value, ",")
+        if isinstance(value, tuple):
+            return tuple(str(party).rstrip("/") for party in value)
+        return value
+
+    @field_validator("frontend_api_url", "jwks_url")
+    @classmethod
+    def _check_optional_url(cls, value: str | None) -> str | None:
+        return _url(value)
+
+    @field_validator("clerk_api_url")
+    @classmethod
+    def _check_api_url(cls, value: str) -> str:
+        _url(value)
+        return value.rstrip("/")
+
+    @field_validator("grpc_addr", "webhook_addr", "metrics_addr")
+    @classmethod
+    def _check_addr(cls, value: str) -> str:
+        return _addr(value)
+
+    @field_validator("webhook_path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("jwt_key", mode="before")
+    @classmethod
+    def _check_jwt_key(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        value = value.replace("\\n", "\n")
+        try:
+            key = load_pem_public_key(value.encode())
+        except (ValueError, TypeError):
+            raise ValueError("must be a PEM public key (-----BEGIN PUBLIC KEY-----)") from None
+        if not isinstance(key, RSAPublicKey):
+            raise ValueError("must be an RSA public key (Clerk signs with RS256)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _lower_env(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.lower() == "auto":
+            return os.cpu_count() or 1
+        return value
+
+    @field_validator("jit_sync", "ext_authz", mode="before")
+    @classmethod
+    def _check_switch(cls, value: object) -> object:
+        return _switch(value)
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca")
+    @classmethod
+    def _check_file(cls, value: Path | None) -> Path | None:
+        return _file(value)
+
+    # --- derived values ---------------------------------------------------------
+    @property
+    def issuer(self) -> str | None:
+        """The expected ``iss``: the Frontend API URL without a trailing slash."""
+        return self.frontend_api_url.rstrip("/") if self.frontend_api_url else None
+
+    @property
+    def resolved_jwks_url(self) -> str | None:
+        if self.jwks_url:
+            return self.jwks_url
+        if self.issuer:
+            return f"{self.issuer}/.well-known/jwks.json"
+        return None
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    # --- what each command needs ------------------------------------------------
+    def _database_problems(self) -> list[str]:
+        if self.mongodb_uri is not None:
+            return []
+        if self.production:
+            return ["MONGODB_URI is required with AUTHSVC_ENV=production (the embedded database is for development)"]
+        if importlib.util.find_spec("secantus") is None:
+            return [
+                "MONGODB_URI is unset and the embedded database is not installed: "
+                "set MONGODB_URI, or install the extra with: pip install 'authsvc[embedded]'"
+            ]
+        return []
+
+    def check_webhook(self) -> None:
+        """Raise :class:`SettingsError` (every problem) unless the sidecar can start."""
+        problems = []
+        if not self.webhook_secrets:
+            problems.append("CLERK_WEBHOOK_SECRET is required by the webhook sidecar (whsec_...)")
+        problems += self._database_problems()
+        if problems:
+            raise SettingsError(problems)
+
+    def check_grpc(self) -> None:
+        """Raise :class:`SettingsError` (every problem) unless the gRPC service can start."""
+        problems = []
+        if not self.frontend_api_url and not self.jwt_key:
+            problems.append("CLERK_FRONTEND_API_URL (or CLERK_JWT_KEY) is required by the gRPC service")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY must be set together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("AUTHSVC_TLS_CLIENT_CA needs AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY")
+        problems += self._database_problems()
+        if problems:
+            raise SettingsError(problems)
+
+    def check_sync(self) -> None:
+        """Raise :class:`SettingsError` (every problem) unless ``authsvc sync`` can run."""
+        problems = []
+        if not self.clerk_secret_key:
+            problems.append("CLERK_SECRET_KEY is required by authsvc sync (sk_live_... or sk_test_...)")
+        problems += self._database_problems()
+        if problems:
+            raise SettingsError(problems)
+
+
+ALIASES: dict[str, str] = {name: str(field.alias) for name, field in Settings.model_fields.items()}
+
+
+def describe(names: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``(variable, default, description)`` of the named fields, for ``--help``."""
+    rows = []
+    for name in names:
+        field = Settings.model_fields[name]
+        default = field.default
+        shown = "unset" if default in (None, ()) else str(default)
+        rows.append((ALIASES[name], shown, field.description or ""))
+    return rows
+
+
+def _problem(error: Any) -> str:
+    name = str(error["loc"][0]) if error["loc"] else "settings"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    if error["type"] in ("literal_error", "int_parsing", "float_parsing", "greater_than_equal", "less_than_equal"):
+        return f"{name} {message[:1].lower()}{message[1:]}, got {value!r}"
+    return f"{name} {message}"
 
 
 def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Settings:
-    """Read settings from ``environ`` (default: the process environment) over ``.env``."""
-    env: dict[str, str] = read_dotenv(dotenv) if dotenv else {}
-    env.update(os.environ if environ is None else environ)
+    """Read settings from ``environ`` (default: the process environment) over ``.env``.
 
-    def get(name: str) -> str | None:
-        value = env.get(name, "").strip()
-        return value or None
-
-    problems: list[str] = []
-
-    secrets = tuple((get("CLERK_WEBHOOK_SECRET") or "").split())
-    for index, secret in enumerate(secrets, 1):
-        problem = check_webhook_secret(secret)
-        if problem:
-            which = f" (secret {index} of {len(secrets)})" if len(secrets) > 1 else ""
-            problems.append(f"CLERK_WEBHOOK_SECRET{which} {problem}")
-
-    for name in ("CLERK_FRONTEND_API_URL", "CLERK_JWKS_URL", "CLERK_API_URL"):
-        value = get(name)
-        if value and (problem := _url_problem(name, value)):
-            problems.append(problem)
-    for name in ("AUTHSVC_GRPC_ADDR", "AUTHSVC_WEBHOOK_ADDR"):
-        value = get(name)
-        if value and (problem := _addr_problem(name, value)):
-            problems.append(problem)
-
-    jwt_key = get("CLERK_JWT_KEY")
-    if jwt_key:
-        jwt_key = jwt_key.replace("\\n", "\n")
-        if "-----BEGIN PUBLIC KEY-----" not in jwt_key:
-            problems.append("CLERK_JWT_KEY must be a PEM public key (-----BEGIN PUBLIC KEY-----)")
-
-    delete_mode = get("AUTHSVC_DELETE_MODE") or "soft"
-    if delete_mode not in ("soft", "hard"):
-        problems.append(f"AUTHSVC_DELETE_MODE must be 'soft' or 'hard', got {delete_mode!r}")
-
-    skew_raw = get("AUTHSVC_CLOCK_SKEW_S") or "5"
-    skew = 5
-    if not skew_raw.isdigit() or int(skew_raw) > 300:
-        problems.append(f"AUTHSVC_CLOCK_SKEW_S must be an integer from 0 to 300, got {skew_raw!r}")
-    else:
-        skew = int(skew_raw)
-
-    log_level = (get("AUTHSVC_LOG_LEVEL") or "info").lower()
-    if log_level not in LOG_LEVELS:
-        problems.append(f"AUTHSVC_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
-
-    def path(name: str) -> Path | None:
-        value = get(name)
-        if value is None:
-            return None
-        if not Path(value).is_file():
-            problems.append(f"{name} points at {value!r}, which is not a readable file")
-        return Path(value)
-
-    tls_cert, tls_key, tls_ca = path("AUTHSVC_TLS_CERT"), path("AUTHSVC_TLS_KEY"), path("AUTHSVC_TLS_CLIENT_CA")
-
-    if problems:
-        raise SettingsError(problems)
-
-    parties = tuple(p.strip().rstrip("/") for p in (get("CLERK_AUTHORIZED_PARTIES") or "").split(",") if p.strip())
-    return Settings(
-        mongodb_uri=get("MONGODB_URI"),
-        mongodb_db=get("MONGODB_DB") or "authsvc",
-        data_dir=Path(get("AUTHSVC_DATA_DIR") or ".data"),
-        webhook_secrets=secrets,
-        frontend_api_url=get("CLERK_FRONTEND_API_URL"),
-        jwks_url=get("CLERK_JWKS_URL"),
-        jwt_key=jwt_key,
-        authorized_parties=parties,
-        jwt_audience=get("CLERK_JWT_AUDIENCE"),
-        clerk_secret_key=get("CLERK_SECRET_KEY"),
-        clerk_api_url=(get("CLERK_API_URL") or "https://api.clerk.com").rstrip("/"),
-        grpc_addr=get("AUTHSVC_GRPC_ADDR") or "127.0.0.1:50051",
-        webhook_addr=get("AUTHSVC_WEBHOOK_ADDR") or "127.0.0.1:8080",
-        webhook_path=get("AUTHSVC_WEBHOOK_PATH") or "/clerk-users-webhook",
-        delete_mode="hard" if delete_mode == "hard" else "soft",
-        clock_skew_s=skew,
-        log_level=log_level,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_client_ca=tls_ca,
-        env=(get("AUTHSVC_ENV") or "development").lower(),
-    )
+    Empty values count as unset. Raises :class:`SettingsError` listing every problem.
+    """
+    values: dict[str, str] = {}
+    if dotenv is not None and dotenv.is_file():
+        values.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+    known = set(ALIASES.values())
+    cleaned = {k: v.strip() for k, v in values.items() if k in known and v.strip()}
+    try:
+        return Settings.model_validate(cleaned)
+    except ValidationError as exc:
+        raise SettingsError([_problem(error) for error in exc.errors()]) from None

@@ -292,9 +292,7 @@ class TokenVerifier:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning(
                 "jwks fetch failed",
-                extra=fields(
-                    url=self._jwks_url, error=f"{type(exc).__name__}: {exc}", cached_keys=len(self._keys)
-                ),
+                extra=fields(url=self._jwks_url, error=f"{type(exc).__name__}: {exc}", cached_keys=len(self._keys)),
             )
             return False
         keys: dict[str | None, RSAPublicKey] = {}

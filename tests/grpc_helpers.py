@@ -8,7 +8,6 @@ on port 0 and an aio channel; ``FakeClerk`` is a local stand-in for Clerk's
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ipaddress
 import json
 from collections.abc import AsyncIterator
@@ -104,9 +103,7 @@ class Harness:
 
 def issuer_settings(settings: Settings, issuer: LocalIssuer, **changes: Any) -> Settings:
     """``settings`` trusting ``issuer`` and the test frontend origin."""
-    return dataclasses.replace(
-        settings, frontend_api_url=issuer.url, authorized_parties=(FRONTEND,), **changes
-    )
+    return settings.model_copy(update=dict(frontend_api_url=issuer.url, authorized_parties=(FRONTEND,), **changes))
 
 
 @contextlib.asynccontextmanager

@@ -75,9 +75,7 @@ async def test_describe_shows_the_rpcs(h: Harness) -> None:
 async def test_verify_token_returns_json(h: Harness) -> None:
     await seed(h.store, "user_1", Role.ADMIN, name="Ada Lovelace")
     token = h.token("user_1", session_id="sess_1")
-    code, out, err = await call(
-        h, "authsvc.v1.AuthService/VerifyToken", {"token": token, "min_role": "ROLE_STAFF"}
-    )
+    code, out, err = await call(h, "authsvc.v1.AuthService/VerifyToken", {"token": token, "min_role": "ROLE_STAFF"})
     assert code == 0, err
     reply = json.loads(out)
     assert reply["subject"] == "user_1" and reply["session_id"] == "sess_1"

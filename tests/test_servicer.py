@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -555,8 +554,8 @@ async def test_tls_and_mutual_tls(settings: Settings, store: UserStore, issuer: 
     tls = issuer_settings(settings, issuer, tls_cert=pki.server_cert, tls_key=pki.server_key)
     for server_settings, client_certs, works in [
         (tls, {}, True),
-        (dataclasses.replace(tls, tls_client_ca=pki.ca), client_pair, True),
-        (dataclasses.replace(tls, tls_client_ca=pki.ca), {}, False),
+        (tls.model_copy(update=dict(tls_client_ca=pki.ca)), client_pair, True),
+        (tls.model_copy(update=dict(tls_client_ca=pki.ca)), {}, False),
     ]:
         service = await start_server(server_settings, bare_servicer(server_settings, store), store.ping)
         credentials = grpc.ssl_channel_credentials(root_certificates=ca, **client_certs)

@@ -74,9 +74,7 @@ def b64(data: bytes) -> str:
 def hand_token(header: dict[str, Any], claims: dict[str, Any], hs256_key: bytes | None) -> str:
     """A JWT built without pyjwt, which refuses to make these."""
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
-    signature = (
-        b"" if hs256_key is None else hmac.new(hs256_key, signing_input.encode(), hashlib.sha256).digest()
-    )
+    signature = b"" if hs256_key is None else hmac.new(hs256_key, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(signature)}"
 
 
@@ -121,9 +119,7 @@ async def test_cached_token_still_expires(issuer: LocalIssuer, make_verifier: Ma
     await rejects(verifier, token, errors.TokenExpired, "TOKEN_EXPIRED")
 
 
-async def test_missing_azp_accepted_when_parties_unset(
-    issuer: LocalIssuer, make_verifier: MakeVerifier
-) -> None:
+async def test_missing_azp_accepted_when_parties_unset(issuer: LocalIssuer, make_verifier: MakeVerifier) -> None:
     verifier = await make_verifier(settings_for(issuer, authorized_parties=()))
     result = await verifier.verify(issuer.mint("user_1", azp=None, session_id=None))
     assert result.authorized_party == ""
@@ -134,9 +130,7 @@ async def test_token_without_kid_uses_the_only_key(issuer: LocalIssuer, verifier
     assert result.subject == "user_1"
 
 
-async def test_token_without_kid_is_ambiguous_with_two_keys(
-    issuer: LocalIssuer, make_verifier: MakeVerifier
-) -> None:
+async def test_token_without_kid_is_ambiguous_with_two_keys(issuer: LocalIssuer, make_verifier: MakeVerifier) -> None:
     issuer.rotate()
     verifier = await make_verifier(settings_for(issuer))
     await rejects(verifier, issuer.mint("user_1", headers={"kid": None}), errors.KeyNotFound, "KEY_NOT_FOUND")
@@ -205,9 +199,7 @@ async def test_audience_ignored_when_unset(issuer: LocalIssuer, verifier: TokenV
 
 
 @pytest.mark.parametrize("claim", ["exp", "iat", "sub"])
-async def test_required_claim_missing_is_malformed(
-    issuer: LocalIssuer, verifier: TokenVerifier, claim: str
-) -> None:
+async def test_required_claim_missing_is_malformed(issuer: LocalIssuer, verifier: TokenVerifier, claim: str) -> None:
     token = issuer.mint("user_1", extra={claim: None})
     await rejects(verifier, token, errors.TokenMalformed, "TOKEN_MALFORMED")
 
@@ -220,9 +212,7 @@ async def test_empty_subject_is_malformed(issuer: LocalIssuer, verifier: TokenVe
 async def test_tampered_payload_fails_signature(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     header, _, signature = issuer.mint("user_1").split(".")
     payload = issuer.mint("user_admin").split(".")[1]
-    await rejects(
-        verifier, f"{header}.{payload}.{signature}", errors.TokenInvalidSignature, "TOKEN_INVALID_SIGNATURE"
-    )
+    await rejects(verifier, f"{header}.{payload}.{signature}", errors.TokenInvalidSignature, "TOKEN_INVALID_SIGNATURE")
 
 
 async def test_unknown_key_is_key_not_found(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
@@ -235,9 +225,7 @@ async def test_alg_none_is_unsupported(issuer: LocalIssuer, verifier: TokenVerif
     await rejects(verifier, token, errors.TokenUnsupportedAlg, "TOKEN_UNSUPPORTED_ALG")
 
 
-async def test_hs256_signed_with_public_pem_is_unsupported(
-    issuer: LocalIssuer, verifier: TokenVerifier
-) -> None:
+async def test_hs256_signed_with_public_pem_is_unsupported(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     # The classic key-confusion attack: an HMAC keyed with the published public key.
     pem = issuer.current.public_pem().encode()
     token = hand_token({"alg": "HS256", "typ": "JWT", "kid": issuer.current.kid}, good_claims(issuer), pem)
@@ -308,9 +296,7 @@ async def test_rotated_key_is_accepted_after_one_fetch(issuer: LocalIssuer, veri
     assert issuer.fetches == 2
 
 
-async def test_concurrent_unknown_kid_fetches_at_most_once(
-    issuer: LocalIssuer, verifier: TokenVerifier
-) -> None:
+async def test_concurrent_unknown_kid_fetches_at_most_once(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     issuer.delay_s = 0.2
     stranger = DevIssuer.generate().mint("user_1", issuer=issuer.url)
     results = await asyncio.gather(*(verifier.verify(stranger) for _ in range(200)), return_exceptions=True)
@@ -328,9 +314,7 @@ async def test_concurrent_rotated_kid_shares_one_fetch(issuer: LocalIssuer, veri
     assert issuer.fetches == 2
 
 
-async def test_second_unknown_kid_within_interval_does_not_fetch(
-    issuer: LocalIssuer, verifier: TokenVerifier
-) -> None:
+async def test_second_unknown_kid_within_interval_does_not_fetch(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     for _ in range(2):
         stranger = DevIssuer.generate().mint("user_1", issuer=issuer.url)
         await rejects(verifier, stranger, errors.KeyNotFound, "KEY_NOT_FOUND")
@@ -358,9 +342,7 @@ async def test_jwks_down_from_start_is_unavailable(issuer: LocalIssuer, make_ver
     assert issuer.fetches == 2
 
 
-async def test_background_refresh_picks_up_rotated_key(
-    issuer: LocalIssuer, make_verifier: MakeVerifier
-) -> None:
+async def test_background_refresh_picks_up_rotated_key(issuer: LocalIssuer, make_verifier: MakeVerifier) -> None:
     verifier = await make_verifier(settings_for(issuer), refresh_interval_s=0.05, min_refetch_interval_s=3600)
     stranger = DevIssuer.generate().mint("user_1", issuer=issuer.url)
     await rejects(verifier, stranger, errors.KeyNotFound, "KEY_NOT_FOUND")  # spends the refetch
@@ -398,9 +380,7 @@ async def test_jwt_key_verifies_without_any_fetch(issuer: LocalIssuer, make_veri
 async def test_jwt_key_alone_skips_the_issuer_check(make_verifier: MakeVerifier) -> None:
     dev = DevIssuer.generate()
     verifier = await make_verifier(Settings(jwt_key=dev.public_pem(), authorized_parties=(PARTY,)))
-    assert (
-        await verifier.verify(dev.mint("user_1", issuer="https://any.clerk.accounts.dev"))
-    ).subject == "user_1"
+    assert (await verifier.verify(dev.mint("user_1", issuer="https://any.clerk.accounts.dev"))).subject == "user_1"
     assert verifier.fetch_count == 0
 
 

@@ -7,7 +7,7 @@ import base64
 import json
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -160,7 +160,7 @@ async def test_late_update_never_resurrects_deleted_user(sender: Sender, store: 
 
 
 async def test_hard_delete_erases_name_and_email(settings: Settings, database: Database) -> None:
-    hard = replace(settings, delete_mode="hard")
+    hard = settings.model_copy(update=dict(delete_mode="hard"))
     store = UserStore(database.db, write_concern=database.write_concern, delete_mode="hard")
     await store.ensure_indexes()
     async for sender in serve(hard, store):
@@ -236,11 +236,11 @@ async def test_wrong_signature_is_401(sender: Sender, store: UserStore) -> None:
 async def test_rotation_accepts_any_listed_secret_and_refuses_retired_ones(
     settings: Settings, store: UserStore
 ) -> None:
-    rotating = replace(settings, webhook_secrets=(OTHER_SECRET, WEBHOOK_SECRET))
+    rotating = settings.model_copy(update=dict(webhook_secrets=(OTHER_SECRET, WEBHOOK_SECRET)))
     async for sender in serve(rotating, store):
         assert (await sender.post(fixture("user.created", id="user_old_secret")))[0] == 200
         assert (await sender.post(fixture("user.created", id="user_new_secret"), secret=OTHER_SECRET))[0] == 200
-    finished = replace(settings, webhook_secrets=(OTHER_SECRET,))
+    finished = settings.model_copy(update=dict(webhook_secrets=(OTHER_SECRET,)))
     async for sender in serve(finished, store):
         status, _ = await sender.post(fixture("user.created", id="user_retired"))  # signed with the retired one
         assert status == 401
@@ -355,7 +355,7 @@ class Outage:
 async def outage(settings: Settings, tmp_path: Path) -> AsyncIterator[Outage]:
     mongo = EmbeddedMongo(tmp_path / "private-mongo")
     await mongo.start()
-    settings = replace(settings, mongodb_uri=mongo.uri)
+    settings = settings.model_copy(update=dict(mongodb_uri=mongo.uri))
     database = await open_test_database(settings)
     store = UserStore(database.db, write_concern=database.write_concern)
     await store.ensure_indexes()

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from authsvc.dev.issuer import DevIssuer, jwks_routes
@@ -92,13 +91,14 @@ async def run(settings: Settings) -> None:
     secret = webhook_secret(directory)
     host, port = split_addr(settings.webhook_addr)
     issuer_url = f"http://{host}:{port}"
-    settings = replace(
-        settings,
-        webhook_secrets=(secret,),
-        frontend_api_url=issuer_url,
-        jwks_url=None,
-        jwt_key=None,
-        authorized_parties=settings.authorized_parties or (DEV_AZP,),
+    settings = settings.model_copy(
+        update=dict(
+            webhook_secrets=(secret,),
+            frontend_api_url=issuer_url,
+            jwks_url=None,
+            jwt_key=None,
+            authorized_parties=settings.authorized_parties or (DEV_AZP,),
+        )
     )
     async with (
         user_store(settings) as store,
