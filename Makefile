@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CODE := authsvc service webhook tests bench
 
-.PHONY: install run test lint proto bench clean
+.PHONY: install run test check lint proto bench clean
 
 install: $(STAMP)
 
@@ -20,9 +21,12 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
-lint: install
-	$(BIN)/ruff check service webhook tests bench
+check: install
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 	$(BIN)/mypy
+
+lint: check
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/authsvc/v1/authsvc.proto

@@ -20,7 +20,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-HealthServicer = health_aio.HealthServicer
+
 Readiness = Callable[[], Awaitable[bool]]
 
 SERVICE_NAME: str = authsvc_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
@@ -45,7 +45,7 @@ class GrpcServer:
 
     server: grpc.aio.Server
     port: int
-    health: HealthServicer = field(repr=False)
+    health: health_aio.HealthServicer = field(repr=False)
     health_task: asyncio.Task[None] | None = field(default=None, repr=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -65,14 +65,14 @@ class GrpcServer:
             self.health_task = None
 
 
-async def _set_health(health: HealthServicer, serving: bool) -> None:
+async def _set_health(health: health_aio.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health.set(name, status)
 
 
 async def _watch(
-    health: HealthServicer, ready: Readiness, interval_s: float, serving: bool, stopping: asyncio.Event
+    health: health_aio.HealthServicer, ready: Readiness, interval_s: float, serving: bool, stopping: asyncio.Event
 ) -> None:
     while True:
         with contextlib.suppress(TimeoutError):
@@ -117,7 +117,7 @@ async def start_server(
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
     authsvc_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
-    health = HealthServicer()
+    health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
 

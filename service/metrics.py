@@ -1,0 +1,45 @@
+"""Every Prometheus metric of authsvc, defined once (names and labels as docs/design.md lists them).
+
+In a multi-worker process, ``PROMETHEUS_MULTIPROC_DIR`` must be set before
+``prometheus_client`` is first imported, so that ``/metrics`` sums every
+worker; the worker supervisor sees to that.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+# go-grpc-prometheus names, for every RPC served.
+GRPC_STARTED = Counter(
+    "grpc_server_started_total",
+    "RPCs started on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Response latency of RPCs handled by the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+DENIALS = Counter("authsvc_denials", "Calls denied, by method and ErrorInfo reason.", ["method", "reason"])
+TOKEN_CACHE = Counter("authsvc_token_cache", "Verified-token cache lookups.", ["result"])
+USER_CACHE = Counter("authsvc_user_cache", "User cache lookups.", ["result"])
+JWKS_FETCHES = Counter("authsvc_jwks_fetches", "JWKS fetches, by outcome.", ["outcome"])
+WEBHOOK_DELIVERIES = Counter(
+    "authsvc_webhook_deliveries", "Webhook deliveries, by event type and outcome.", ["type", "outcome"]
+)
+WEBHOOK_DELIVERY_SECONDS = Histogram(
+    "authsvc_webhook_delivery_seconds",
+    "Time to answer a webhook delivery.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+CLERK_REQUESTS = Counter(
+    "authsvc_clerk_requests", "Clerk Backend API requests, by operation and status.", ["op", "status"]
+)
+SYNC_USERS = Counter("authsvc_sync_users", "Users seen by a sync, by outcome.", ["outcome"])
