@@ -169,7 +169,7 @@ async def run(
                         "issuer_url": issuer_url, "tokens": [], "mint": 0}  # fmt: skip
                 one = mint(base, 1)
                 per_client = -(-tokens // clients)
-                phases = [
+                phases: list[tuple[str, dict[str, Any]]] = [
                     ("verify: one token", {"rpc": "verify", "tokens": one}),
                     ("verify: 10k tokens" if tokens == 10_000 else f"verify: {tokens} tokens",
                      {"rpc": "verify", "mint": per_client}),

@@ -220,7 +220,7 @@ async def test_unsynced_user_passes_without_min_role_and_is_denied_with_one(h: H
 
 
 async def test_unknown_min_role_is_invalid_argument(h: Harness) -> None:
-    code, reason, _ = await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF), min_role=9)))
+    code, reason, _ = await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF), min_role=9)))  # type: ignore[arg-type]
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
 
 
@@ -249,7 +249,7 @@ async def test_unexpected_exception_is_internal_with_a_request_id_and_no_detail(
     assert (code, reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
     assert message.startswith("internal error (request id ") and "start()" not in message
     request_id = message.removeprefix("internal error (request id ").rstrip(")")
-    [line] = [r for r in caplog.records if r.getMessage() == "rpc" and r.fields["request_id"] == request_id]
+    [line] = [r for r in caplog.records if r.getMessage() == "rpc" and r.__dict__["fields"]["request_id"] == request_id]
     assert line.exc_info is not None and line.levelno == logging.ERROR
 
 
@@ -260,13 +260,21 @@ async def test_each_call_logs_one_line_without_the_token(h: Harness, caplog: pyt
     await h.stub.VerifyToken(pb.VerifyTokenRequest(token=token))
     await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=token, min_role=pb.ROLE_ADMIN)))
     lines = [r for r in caplog.records if r.name == "service.servicer"]
-    assert [(r.fields["method"], r.fields["code"], r.fields["reason"], r.fields["subject"]) for r in lines] == [
+    assert [
+        (
+            r.__dict__["fields"]["method"],
+            r.__dict__["fields"]["code"],
+            r.__dict__["fields"]["reason"],
+            r.__dict__["fields"]["subject"],
+        )
+        for r in lines
+    ] == [
         ("VerifyToken", "OK", None, STAFF),
         ("VerifyToken", "PERMISSION_DENIED", "ROLE_TOO_LOW", STAFF),
     ]
     for record in lines:
-        assert record.fields["peer"] and record.fields["duration_ms"] >= 0
-        assert token not in json.dumps(record.fields) and token not in record.getMessage()
+        assert record.__dict__["fields"]["peer"] and record.__dict__["fields"]["duration_ms"] >= 0
+        assert token not in json.dumps(record.__dict__["fields"]) and token not in record.getMessage()
 
 
 # --- GetUser -----------------------------------------------------------------------
@@ -442,7 +450,7 @@ async def test_set_role_denied_changes_nothing(h: Harness, fake_clerk: FakeClerk
     await h.store.delete(GONE)
     metadata = h.bearer(caller) if caller else ()
     code, reason, _ = await rpc_error(
-        h.stub.SetRole(pb.SetRoleRequest(external_id=target, role=role), metadata=metadata)
+        h.stub.SetRole(pb.SetRoleRequest(external_id=target, role=role), metadata=metadata)  # type: ignore[arg-type]
     )
     assert (code, reason) == (want_code, want_reason)
     before = {SA: Role.SUPERADMIN, STAFF: Role.STAFF, GONE: Role.STAFF}.get(target, Role.STAFF)
