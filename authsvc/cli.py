@@ -1,44 +1,80 @@
-"""The ``authsvc`` command line: the only place that reads the environment."""
+"""The ``authsvc`` console script: dispatch only.
+
+``grpc`` and ``webhook`` are the commands of ``python -m service`` and
+``python -m webhook``; ``dev`` and the ``dev-*`` helpers load the development
+tooling (``authsvc.dev``) only when asked for.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
-from service import logs
-from service.settings import SettingsError, load
-from service.startup import StartupError
-
-EXIT_CONFIG = 2
+from service.command import DATABASE, EXIT_CONFIG, GRPC, Command, add_version, execute
+from service.settings import Settings, SettingsError, load
+from webhook.command import WEBHOOK
 
 
-def _run(coro_factory: Callable[[], Awaitable[None]]) -> int:
-    async def runner() -> None:
-        await coro_factory()
+async def _serve_dev(settings: Settings) -> None:
+    from authsvc.dev.run import run
 
-    try:
-        asyncio.run(runner())
-    except StartupError as exc:
-        print(f"authsvc: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        pass
-    return 0
+    await run(settings)
+
+
+DEV = Command(
+    name="dev",
+    summary=(
+        "Run the sidecar and the gRPC service in one process with a development issuer and webhook secret "
+        "(kept under AUTHSVC_DATA_DIR/dev/), on the embedded database unless MONGODB_URI is set. "
+        "Never in production: CLERK_WEBHOOK_SECRET and the CLERK_* issuer settings are replaced."
+    ),
+    reads=(
+        *DATABASE,
+        "webhook_addr",
+        "webhook_path",
+        "delete_mode",
+        "grpc_addr",
+        "authorized_parties",
+        "jwt_audience",
+        "clock_skew_s",
+        "clerk_secret_key",
+        "clerk_api_url",
+        "jit_sync",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "drain_s",
+        "metrics_addr",
+        "sync_interval_s",
+        "ext_authz",
+    ),
+    run=_serve_dev,
+    check=Settings.check_dev,
+    requires="AUTHSVC_ENV other than production",
+)
+
+COMMANDS: tuple[Command, ...] = (GRPC, WEBHOOK, DEV)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="authsvc", description="Clerk identity for internal services.")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("grpc", help="serve the gRPC API on AUTHSVC_GRPC_ADDR")
-    sub.add_parser("webhook", help="serve the Clerk webhook sidecar on AUTHSVC_WEBHOOK_ADDR")
-    sub.add_parser("dev", help="both, on the embedded database, with a development issuer and secret")
+    for command in COMMANDS:
+        command.configure(sub.add_parser(command.name, help=command.summary.split(" (")[0].rstrip(".")))
     token = sub.add_parser("dev-token", help="print a session JWT signed by the development issuer")
     token.add_argument("subject", help="the Clerk user id (sub), e.g. user_1")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
-    hook = sub.add_parser("dev-webhook", help="send one signed Clerk event to the running dev sidecar")
+    hook = sub.add_parser(
+        "dev-webhook",
+        help="send one signed Clerk event to the running dev sidecar",
+        description=(
+            "Send one signed Clerk event to the running `authsvc dev` sidecar. user.updated sends what you give "
+            "on top of the user the dev database holds (read with GetUser) and says what it keeps."
+        ),
+    )
     hook.add_argument("event", choices=["user.created", "user.updated", "user.deleted", "session.created"])
     hook.add_argument("--id", required=True, dest="user_id", help="the Clerk user id, e.g. user_1")
     hook.add_argument("--role", choices=["superadmin", "admin", "staff"])
@@ -50,42 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for command in COMMANDS:
+        if args.command == command.name:
+            return execute(command)
     try:
         settings = load()
-        if args.command == "webhook":
-            settings.check_webhook()
-        elif args.command == "grpc":
-            settings.check_grpc()
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"authsvc: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup(settings.log_level)
+    from authsvc.dev import events, run
 
-    with contextlib.suppress(BrokenPipeError):
-        if args.command == "webhook":
-            from webhook.main import run_webhook
-
-            return _run(lambda: run_webhook(settings))
-        if args.command == "grpc":
-            from service.app import run_grpc
-
-            return _run(lambda: run_grpc(settings))
-        # The development tools are only loaded when asked for.
-        from authsvc.dev import events, run
-
-        if args.command == "dev":
-            return _run(lambda: run.run(settings))
-        if args.command == "dev-token":
-            return run.print_token(settings, args.subject, ttl_s=args.ttl)
-        if args.command == "dev-webhook":
-            event = events.clerk_event(
-                args.event,
-                args.user_id,
-                role=args.role,
-                email=args.email,
-                first_name=args.first_name,
-                last_name=args.last_name,
-            )
-            return asyncio.run(events.send_event(settings, event))
-    return 0
+    if args.command == "dev-token":
+        return run.print_token(settings, args.subject, ttl_s=args.ttl)
+    changes = events.Changes(role=args.role, email=args.email, first_name=args.first_name, last_name=args.last_name)
+    return asyncio.run(events.send_dev_event(settings, args.event, args.user_id, changes))

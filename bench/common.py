@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import profiles
-from service.embedded import EmbeddedMongo, terminate
+from service.embedded import EmbeddedMongo
 
 CTX = multiprocessing.get_context("spawn")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -181,54 +179,6 @@ async def sample_groups(window: Window, groups: dict[str, int]) -> dict[str, flo
 
 
 # --- processes ----------------------------------------------------------------------------------
-def child_env(**overrides: str) -> dict[str, str]:
-    """Our environment without any authsvc / Clerk / MongoDB setting, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "AUTHSVC_", "MONGODB_"))}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path.cwd()), env.get("PYTHONPATH")) if p)
-    env.update(overrides)
-    return env
-
-
-class ServerProcess:
-    """A server under test as its own process (own session and process group), output to a file."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], logfile: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.logfile = logfile
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        with self.logfile.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, *self.argv], env=self.env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.tail()}")
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM (graceful), then SIGKILL of this process only."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            terminate(proc, timeout_s)
-
-
 @contextlib.asynccontextmanager
 async def private_mongo(directory: Path) -> AsyncIterator[EmbeddedMongo]:
     """A private embedded database for one benchmark, stopped at the end."""

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from authsvc.dev.issuer import DevIssuer
+from authsvc.dev.procs import ServerProcess, child_env, free_port, grpc_serving, health_check
 from bench.common import (
     Figure,
     Recorder,
-    ServerProcess,
-    child_env,
     private_mongo,
     run_phase,
     sleep_until,
@@ -37,7 +37,6 @@ from bench.common import (
 )
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service.database import durable_write_concern, make_client
-from service.embedded import free_port
 from service.tokens import RESULT_CACHE_SIZE
 
 DB = "bench"
@@ -66,7 +65,7 @@ async def _calls(config: dict[str, Any], tokens: list[str], ready: Any, go: Any)
     async with grpc.aio.insecure_channel(config["target"]) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         if config["rpc"] == "health":
-            method = health_pb2_grpc.HealthStub(channel).Check
+            method = health_check(channel)
             requests: list[Any] = [health_pb2.HealthCheckRequest(service="")]
         else:
             method = authsvc_pb2_grpc.AuthServiceStub(channel).VerifyToken
@@ -117,22 +116,6 @@ async def seed(uri: str) -> None:
         await client.close()
 
 
-async def wait_serving(target: str, proc: ServerProcess, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            proc.check_alive()
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{proc.name} did not serve on {target} within {timeout_s:.0f}s:\n{proc.tail()}")
-
-
 async def run(
     *, duration_s: float, warmup_s: float, concurrency: int, clients: int, tokens: int, profile: Path | None = None
 ) -> tuple[list[Figure], list[str]]:
@@ -148,8 +131,8 @@ async def run(
             issuer_url = f"http://127.0.0.1:{jwks_port}"
             server = ServerProcess(
                 "grpc service",
-                ["-m", "bench.grpc_runner"],
-                child_env(
+                [sys.executable, "-m", "bench.grpc_runner"],
+                env=child_env(
                     MONGODB_URI=mongo.uri,
                     MONGODB_DB=DB,
                     CLERK_FRONTEND_API_URL=issuer_url,
@@ -159,12 +142,12 @@ async def run(
                     BENCH_ISSUER_DIR=str(issuer_dir),
                     BENCH_JWKS_ADDR=f"127.0.0.1:{jwks_port}",
                 ),
-                tmp / "grpc.log",
+                logfile=tmp / "grpc.log",
             )
             server.start()
             try:
                 target = f"127.0.0.1:{grpc_port}"
-                await wait_serving(target, server)
+                await server.wait_ready(grpc_serving(target), timeout_s=30)
                 base = {"target": target, "concurrency": concurrency, "issuer_dir": str(issuer_dir),
                         "issuer_url": issuer_url, "tokens": [], "mint": 0}  # fmt: skip
                 one = mint(base, 1)

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import itertools
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,11 +26,10 @@ from typing import Any
 import aiohttp
 
 from authsvc.dev.events import clerk_event, signed_headers
+from authsvc.dev.procs import ServerProcess, child_env, free_port, http_ok
 from bench.common import (
     Figure,
     Recorder,
-    ServerProcess,
-    child_env,
     private_mongo,
     run_phase,
     sleep_until,
@@ -37,7 +37,6 @@ from bench.common import (
     workdir,
 )
 from service.database import durable_write_concern, make_client
-from service.embedded import free_port
 
 SECRET = "whsec_" + base64.b64encode(b"authsvc-bench-webhook-secret-32b").decode()
 DB = "bench"
@@ -193,21 +192,6 @@ async def seed(uri: str, users: int, base_ms: int) -> None:
         await client.close()
 
 
-async def wait_http(url: str, proc: ServerProcess, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            proc.check_alive()
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{proc.name} did not answer {url} within {timeout_s:.0f}s:\n{proc.tail()}")
-
-
 async def run(
     *,
     duration_s: float,
@@ -227,19 +211,19 @@ async def run(
             port = free_port()
             sidecar = ServerProcess(
                 "sidecar",
-                ["-m", "webhook"],
-                child_env(
+                [sys.executable, "-m", "webhook"],
+                env=child_env(
                     MONGODB_URI=mongo.uri,
                     MONGODB_DB=DB,
                     CLERK_WEBHOOK_SECRET=SECRET,
                     AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{port}",
                     AUTHSVC_LOG_LEVEL="warning",
                 ),
-                tmp / "sidecar.log",
+                logfile=tmp / "sidecar.log",
             )
             sidecar.start()
             try:
-                await wait_http(f"http://127.0.0.1:{port}/readyz", sidecar)
+                await sidecar.wait_ready(http_ok(f"http://127.0.0.1:{port}/readyz"), timeout_s=30)
                 common = {"users": users, "concurrency": concurrency, "run": "s"}
                 sidecar_fig = await run_phase(
                     "webhook: sidecar",

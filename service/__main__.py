@@ -1,7 +1,5 @@
 """``python -m service``: the same as ``authsvc grpc``."""
 
-import sys
+from service.command import GRPC, main
 
-from authsvc.cli import main
-
-raise SystemExit(main(["grpc", *sys.argv[1:]]))
+raise SystemExit(main(GRPC, prog="python -m service"))

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service.logs import fields
+from service.reflection import enable_reflection
 from service.servicer import AuthServicer
 from service.settings import Settings
 
@@ -119,7 +119,7 @@ async def start_server(
     authsvc_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection(server, (SERVICE_NAME, HEALTH_NAME))
 
     credentials = _credentials(settings)
     try:

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -33,6 +33,7 @@ from service.users import UserRecord, UserStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
@@ -64,7 +65,7 @@ class _ResponseMemo:
         return response
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str) -> NoReturn:
+async def _abort(context: Context, code: grpc.StatusCode, message: str, reason: str) -> NoReturn:
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
     await context.abort_with_status(rpc_status.to_status(status))
@@ -86,7 +87,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self._responses = _ResponseMemo()
 
     async def VerifyToken(
-        self, request: authsvc_pb2.VerifyTokenRequest, context: grpc.aio.ServicerContext
+        self, request: authsvc_pb2.VerifyTokenRequest, context: Context
     ) -> authsvc_pb2.VerifyTokenResponse:
         """Verify a session token; with ``min_role`` (not ROLE_UNSPECIFIED) require that role."""
 
@@ -99,7 +100,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
         return await self._serve("VerifyToken", context, handle)
 
-    async def GetUser(self, request: authsvc_pb2.GetUserRequest, context: grpc.aio.ServicerContext) -> authsvc_pb2.User:
+    async def GetUser(self, request: authsvc_pb2.GetUserRequest, context: Context) -> authsvc_pb2.User:
         """The synced user (``is_active`` false once deleted); NOT_FOUND when unknown or erased."""
 
         async def handle() -> authsvc_pb2.User:
@@ -112,7 +113,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
         return await self._serve("GetUser", context, handle)
 
-    async def SetRole(self, request: authsvc_pb2.SetRoleRequest, context: grpc.aio.ServicerContext) -> authsvc_pb2.User:
+    async def SetRole(self, request: authsvc_pb2.SetRoleRequest, context: Context) -> authsvc_pb2.User:
         """Change a user's role; the bearer token in the metadata must be an active superadmin's."""
 
         async def handle() -> authsvc_pb2.User:
@@ -123,7 +124,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
         return await self._serve("SetRole", context, handle)
 
-    async def _serve(self, rpc: str, context: grpc.aio.ServicerContext, handle: Callable[[], Awaitable[T]]) -> T:
+    async def _serve(self, rpc: str, context: Context, handle: Callable[[], Awaitable[T]]) -> T:
         started = time.perf_counter()
         code, reason = grpc.StatusCode.OK, None
         failure: ExcInfo | None = None
@@ -148,7 +149,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
 def _log(
     rpc: str,
-    context: grpc.aio.ServicerContext,
+    context: Context,
     code: grpc.StatusCode,
     reason: str | None,
     failure: ExcInfo | None,

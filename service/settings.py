@@ -12,7 +12,7 @@ import base64
 import binascii
 import importlib.util
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -301,6 +301,14 @@ class Settings(BaseModel):
         if problems:
             raise SettingsError(problems)
 
+    def check_dev(self) -> None:
+        """Raise :class:`SettingsError` unless ``authsvc dev`` may run (never in production)."""
+        if self.production:
+            raise SettingsError(["authsvc dev refuses to run with AUTHSVC_ENV=production"])
+        problems = self._database_problems()
+        if problems:
+            raise SettingsError(problems)
+
     def check_sync(self) -> None:
         """Raise :class:`SettingsError` (every problem) unless ``authsvc sync`` can run."""
         problems = []
@@ -320,7 +328,10 @@ def describe(names: Iterable[str]) -> list[tuple[str, str, str]]:
     for name in names:
         field = Settings.model_fields[name]
         default = field.default
-        shown = "unset" if default in (None, ()) else str(default)
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        else:
+            shown = "unset" if default in (None, ()) else str(default)
         rows.append((ALIASES[name], shown, field.description or ""))
     return rows
 
@@ -334,10 +345,18 @@ def _problem(error: Any) -> str:
     return f"{name} {message}"
 
 
-def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Settings:
+def load(
+    environ: Mapping[str, str] | None = None,
+    dotenv: Path | None = Path(".env"),
+    *,
+    check: Callable[[Settings], None] | None = None,
+) -> Settings:
     """Read settings from ``environ`` (default: the process environment) over ``.env``.
 
-    Empty values count as unset. Raises :class:`SettingsError` listing every problem.
+    Empty values count as unset. ``check`` (e.g. ``Settings.check_grpc``) adds
+    what a command requires. Raises :class:`SettingsError` listing every
+    problem at once: the invalid values and, over the valid ones, what the
+    command still lacks.
     """
     values: dict[str, str] = {}
     if dotenv is not None and dotenv.is_file():
@@ -345,7 +364,23 @@ def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".
     values.update(os.environ if environ is None else environ)
     known = set(ALIASES.values())
     cleaned = {k: v.strip() for k, v in values.items() if k in known and v.strip()}
+    problems: list[str] = []
+    invalid: set[str] = set()
     try:
-        return Settings.model_validate(cleaned)
+        settings = Settings.model_validate(cleaned)
     except ValidationError as exc:
-        raise SettingsError([_problem(error) for error in exc.errors()]) from None
+        problems = [_problem(error) for error in exc.errors()]
+        invalid = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+        try:
+            settings = Settings.model_validate({k: v for k, v in cleaned.items() if k not in invalid})
+        except ValidationError:
+            raise SettingsError(problems) from None
+    if check is not None:
+        try:
+            check(settings)
+        except SettingsError as exc:
+            # A requirement on a variable already reported invalid would say the same thing twice.
+            problems += [p for p in exc.problems if not any(name in p for name in invalid)]
+    if problems:
+        raise SettingsError(problems)
+    return settings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -73,10 +72,3 @@ async def issuer() -> AsyncIterator[LocalIssuer]:
     """A local JWKS issuer on a loopback port (take it down, slow it, rotate its keys)."""
     async with LocalIssuer() as issuer:
         yield issuer
-
-
-def subprocess_env(**overrides: str) -> dict[str, str]:
-    """The environment for an ``authsvc`` child process: ours, minus anything that would leak in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "AUTHSVC_", "MONGODB_"))}
-    env.update(overrides)
-    return env

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from aiohttp import web
@@ -150,7 +150,8 @@ async def seed(
 
 def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     """The ``google.rpc.ErrorInfo`` detail of a failed call."""
-    status = rpc_status.from_call(err)
+    # AioRpcError has the code() and trailing_metadata() that from_call reads; the stub asks for a grpc.Call.
+    status = rpc_status.from_call(cast(grpc.Call, err))
     assert status is not None, f"no rich status in {err.code()} {err.details()}"
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):

@@ -1,14 +1,11 @@
-"""Helpers to run the sidecar as production does, and to sign Clerk events with the svix library."""
+"""Helpers to run the sidecar as production does, and to post Clerk events signed with the svix library."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import io
 import json
-import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from authsvc.dev.events import signed_headers
-from service.embedded import free_port
+from authsvc.dev.procs import ServerProcess, http_ok
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clerk"
 
@@ -60,41 +57,13 @@ class Sender:
             return response.status, payload or {}
 
 
-class SidecarProcess:
-    """``python -m webhook`` as a child process on a free loopback port."""
-
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.env = {**env, "AUTHSVC_WEBHOOK_ADDR": f"127.0.0.1:{self.port}"}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, timeout_s: float = 30.0) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "webhook"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + timeout_s
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"sidecar exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
-                    )
-                try:
-                    async with session.get(f"{self.base}/healthz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError("sidecar did not start")
-
-    def stop(self) -> str:
-        """SIGTERM and wait; returns what it logged on stderr."""
-        assert self.proc is not None
-        self.proc.terminate()
-        _, err = self.proc.communicate(timeout=30)
-        return err.decode()
+async def start_sidecar(env: dict[str, str], logfile: Path, port: int) -> ServerProcess:
+    """``python -m webhook`` on ``127.0.0.1:port``, as production runs it, once ``/healthz`` answers."""
+    process = ServerProcess(
+        "sidecar",
+        [sys.executable, "-m", "webhook"],
+        env={**env, "AUTHSVC_WEBHOOK_ADDR": f"127.0.0.1:{port}"},
+        logfile=logfile,
+    )
+    await process.start_ready(http_ok(f"http://127.0.0.1:{port}/healthz"))
+    return process

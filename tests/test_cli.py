@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
+from authsvc.dev.procs import ServerProcess, child_env, free_port, printed
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
-from service.embedded import free_port
-from tests.conftest import WEBHOOK_SECRET, subprocess_env
+from tests.conftest import WEBHOOK_SECRET
 
 AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
@@ -31,53 +30,37 @@ async def run(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -
     return proc.returncode, out.decode(), err.decode()
 
 
-class DevProcess:
-    def __init__(self, cwd: Path) -> None:
-        self.cwd = cwd
-        self.webhook_port, self.grpc_port = free_port(), free_port()
-        self.env = subprocess_env(
-            AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{self.webhook_port}",
-            AUTHSVC_GRPC_ADDR=f"127.0.0.1:{self.grpc_port}",
-        )
-        self.proc: subprocess.Popen[str] | None = None
-        self.banner = ""
+@dataclass
+class Dev:
+    """A running ``authsvc dev`` in its own working directory."""
 
-    def start(self, timeout_s: float = 60) -> None:
-        self.proc = subprocess.Popen(
-            [AUTHSVC, "dev"], cwd=self.cwd, env=self.env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        lines = []
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"authsvc dev exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
-            lines.append(line)
-            if line.startswith("Ctrl-C stops it"):
-                self.banner = "".join(lines)
-                return
-        raise RuntimeError("authsvc dev printed no banner")
+    process: ServerProcess
+    env: dict[str, str]
+    cwd: Path
+    grpc_addr: str
 
-    def stop(self) -> tuple[int, str]:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
+    @property
+    def banner(self) -> str:
+        return self.process.output()
 
 
 @pytest.fixture
-async def dev(tmp_path: Path) -> AsyncIterator[DevProcess]:
-    process = DevProcess(tmp_path)
-    await asyncio.to_thread(process.start)
-    yield process
-    if process.proc is not None and process.proc.poll() is None:
+async def dev(tmp_path: Path) -> AsyncIterator[Dev]:
+    webhook_port, grpc_port = free_port(), free_port()
+    env = child_env(
+        AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{webhook_port}",
+        AUTHSVC_GRPC_ADDR=f"127.0.0.1:{grpc_port}",
+    )
+    process = ServerProcess("authsvc dev", [AUTHSVC, "dev"], env=env, logfile=tmp_path / "dev.log", cwd=tmp_path)
+    await process.start_ready(printed("Ctrl-C stops it"))
+    try:
+        yield Dev(process, env, tmp_path, f"127.0.0.1:{grpc_port}")
+    finally:
         process.stop()
 
 
-async def test_dev_flow_end_to_end(dev: DevProcess, tmp_path: Path) -> None:
-    grpc_addr = f"127.0.0.1:{dev.grpc_port}"
+async def test_dev_flow_end_to_end(dev: Dev, tmp_path: Path) -> None:
+    grpc_addr = dev.grpc_addr
     assert grpc_addr in dev.banner and "whsec_" in dev.banner
     assert "authsvc dev-webhook user.created --id user_1 --role superadmin" in dev.banner
     assert "authsvc dev-token user_1" in dev.banner
@@ -134,14 +117,14 @@ async def test_dev_flow_end_to_end(dev: DevProcess, tmp_path: Path) -> None:
     assert code == 0, err
     assert json.loads(out)["role"] == "ROLE_ADMIN"
 
-    code, err = dev.stop()
-    assert code == 0
+    assert dev.process.stop(signal.SIGINT) == 0  # Ctrl-C
+    err = dev.process.output()
     assert token not in err  # the token never reaches the logs
     assert "Traceback" not in err
 
 
 async def test_dev_refuses_production(tmp_path: Path) -> None:
-    env = subprocess_env(AUTHSVC_ENV="production")
+    env = child_env(AUTHSVC_ENV="production")
     code, _, err = await run(AUTHSVC, "dev", env=env, cwd=tmp_path)
     assert code == 2
     assert err.strip() == "authsvc: authsvc dev refuses to run with AUTHSVC_ENV=production"
@@ -149,12 +132,12 @@ async def test_dev_refuses_production(tmp_path: Path) -> None:
 
 
 async def test_dev_token_without_dev_issuer_says_what_to_do(tmp_path: Path) -> None:
-    code, out, err = await run(AUTHSVC, "dev-token", "user_1", env=subprocess_env(), cwd=tmp_path)
+    code, out, err = await run(AUTHSVC, "dev-token", "user_1", env=child_env(), cwd=tmp_path)
     assert code == 1 and out == "" and "run `authsvc dev` first" in err
 
 
 async def test_grpc_refuses_to_start_without_an_issuer(tmp_path: Path) -> None:
-    code, _, err = await run(sys.executable, "-m", "service", env=subprocess_env(), cwd=tmp_path)
+    code, _, err = await run(sys.executable, "-m", "service", env=child_env(), cwd=tmp_path)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "CLERK_FRONTEND_API_URL" in lines[0]
@@ -163,7 +146,7 @@ async def test_grpc_refuses_to_start_without_an_issuer(tmp_path: Path) -> None:
 async def test_missing_embedded_extra_exits_2_with_one_line(tmp_path: Path) -> None:
     # As if `authsvc[embedded]` were not installed: the import system finds no secantus.
     script = "import sys; sys.modules['secantus'] = None; from authsvc.cli import main; sys.exit(main(['webhook']))"
-    env = subprocess_env(CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET, AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{free_port()}")
+    env = child_env(CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET, AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{free_port()}")
     code, _, err = await run(sys.executable, "-c", script, env=env, cwd=tmp_path)
     assert code == 2
     lines = err.strip().splitlines()
@@ -172,5 +155,5 @@ async def test_missing_embedded_extra_exits_2_with_one_line(tmp_path: Path) -> N
 
 async def test_dotenv_in_working_directory_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("CLERK_WEBHOOK_SECRET=not-a-secret\n")
-    code, _, err = await run(AUTHSVC, "webhook", env=subprocess_env(), cwd=tmp_path)
+    code, _, err = await run(AUTHSVC, "webhook", env=child_env(), cwd=tmp_path)
     assert code == 2 and "must start with 'whsec_'" in err

@@ -72,6 +72,27 @@ async def test_describe_shows_the_rpcs(h: Harness) -> None:
         assert f"rpc {rpc} (" in out
 
 
+async def test_describe_a_method(h: Harness) -> None:
+    # grpcio-reflection alone answers "Symbol not found" here (grpc/grpc#34743).
+    code, out, err = await run("-plaintext", h.target, "describe", "authsvc.v1.AuthService.VerifyToken")
+    assert code == 0, err
+    assert "authsvc.v1.AuthService.VerifyToken is a method" in out
+    assert "rpc VerifyToken ( .authsvc.v1.VerifyTokenRequest ) returns ( .authsvc.v1.VerifyTokenResponse )" in out
+
+
+async def test_describe_unknown_symbols_is_not_found(h: Harness) -> None:
+    for symbol in ("authsvc.v1.AuthService.NoSuchMethod", "authsvc.v1.NoSuchService.VerifyToken", "nothing"):
+        code, out, err = await run("-plaintext", h.target, "describe", symbol)
+        assert code != 0 and out == "", symbol
+        assert "Symbol not found" in err, err
+
+
+async def test_describe_a_message(h: Harness) -> None:
+    code, out, err = await run("-plaintext", h.target, "describe", "authsvc.v1.GetUserRequest")
+    assert code == 0, err
+    assert "authsvc.v1.GetUserRequest is a message" in out and "string external_id = 1;" in out
+
+
 async def test_verify_token_returns_json(h: Harness) -> None:
     await seed(h.store, "user_1", Role.ADMIN, name="Ada Lovelace")
     token = h.token("user_1", session_id="sess_1")

@@ -17,9 +17,10 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from authsvc.dev.issuer import DevIssuer
+from authsvc.dev.procs import health_check
 from protos.authsvc.v1 import authsvc_pb2 as pb
 from protos.authsvc.v1 import authsvc_pb2_grpc
 from service.access import RoleAdmin
@@ -513,8 +514,7 @@ async def test_concurrent_demotions_never_leave_no_superadmin(
 
 # --- the server --------------------------------------------------------------------
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
-    stub = health_pb2_grpc.HealthStub(channel)
-    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    reply = await health_check(channel)(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return int(reply.status)
 
 

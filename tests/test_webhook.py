@@ -15,12 +15,13 @@ import aiohttp
 import pytest
 
 from authsvc.dev.events import signed_headers
+from authsvc.dev.procs import child_env, free_port
 from service.database import Database
 from service.embedded import EmbeddedMongo
 from service.settings import Settings
 from service.users import UserStore
-from tests.conftest import WEBHOOK_SECRET, open_test_database, subprocess_env
-from tests.sidecar import Sender, SidecarProcess, fixture
+from tests.conftest import WEBHOOK_SECRET, open_test_database
+from tests.sidecar import Sender, fixture, start_sidecar
 from webhook.events import parse_event, profile_from_event
 from webhook.main import sidecar
 
@@ -396,15 +397,19 @@ async def test_sigkill_right_after_200_keeps_the_write(outage: Outage) -> None:
 
 
 # --- as production runs it: separate processes ----------------------------------------------------
-async def test_concurrent_duplicate_to_two_sidecar_processes_applies_once(settings: Settings, store: UserStore) -> None:
-    env = subprocess_env(
+async def test_concurrent_duplicate_to_two_sidecar_processes_applies_once(
+    settings: Settings, store: UserStore, tmp_path: Path
+) -> None:
+    env = child_env(
         MONGODB_URI=settings.mongodb_uri or "", MONGODB_DB=settings.mongodb_db, CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET
     )
-    sidecars = [SidecarProcess(env), SidecarProcess(env)]
-    await asyncio.gather(*(s.start() for s in sidecars))
+    ports = [free_port(), free_port()]
+    sidecars = []
     try:
+        for port in ports:
+            sidecars.append(await start_sidecar(env, tmp_path / f"sidecar{port}.log", port))
         async with aiohttp.ClientSession() as session:
-            senders = [Sender(session, f"{s.base}/clerk-users-webhook", WEBHOOK_SECRET) for s in sidecars]
+            senders = [Sender(session, f"http://127.0.0.1:{p}/clerk-users-webhook", WEBHOOK_SECRET) for p in ports]
             for round_no in range(5):
                 event = fixture("user.updated", first_name=f"Round{round_no}", updated_at=1764063500000 + round_no)
                 msg_id = f"msg_race_{round_no}"
@@ -416,7 +421,9 @@ async def test_concurrent_duplicate_to_two_sidecar_processes_applies_once(settin
         assert doc is not None and doc["name"] == "Round4 Lovelace"
         assert await store.users.count_documents({}) == 1
     finally:
-        logs = [s.stop() for s in sidecars]
+        for s in sidecars:
+            s.stop()
+    logs = [s.output() for s in sidecars]
     lines = [json.loads(line) for log in logs for line in log.splitlines() if line.startswith("{")]
     deliveries = [line for line in lines if line.get("event") == "webhook delivery"]
     assert len(deliveries) == 10
@@ -428,19 +435,21 @@ async def test_concurrent_duplicate_to_two_sidecar_processes_applies_once(settin
 
 
 async def test_restart_on_embedded_database_keeps_data(tmp_path: Path) -> None:
-    env = subprocess_env(AUTHSVC_DATA_DIR=str(tmp_path / "data"), CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET)
-    first = SidecarProcess(env)
-    await first.start()
-    async with aiohttp.ClientSession() as session:
-        sender = Sender(session, f"{first.base}/clerk-users-webhook", WEBHOOK_SECRET)
-        assert await sender.post(fixture("user.created"), msg_id="msg_persist") == (200, {"status": "applied"})
-    first.stop()
-
-    second = SidecarProcess(env, port=first.port)
-    await second.start()
+    env = child_env(AUTHSVC_DATA_DIR=str(tmp_path / "data"), CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/clerk-users-webhook"
+    first = await start_sidecar(env, tmp_path / "first.log", port)
     try:
         async with aiohttp.ClientSession() as session:
-            sender = Sender(session, f"{second.base}/clerk-users-webhook", WEBHOOK_SECRET)
+            sender = Sender(session, url, WEBHOOK_SECRET)
+            assert await sender.post(fixture("user.created"), msg_id="msg_persist") == (200, {"status": "applied"})
+    finally:
+        assert first.stop() == 0
+
+    second = await start_sidecar(env, tmp_path / "second.log", port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            sender = Sender(session, url, WEBHOOK_SECRET)
             assert await sender.post(fixture("user.created"), msg_id="msg_persist") == (200, {"status": "duplicate"})
             assert await sender.post(fixture("session.created")) == (200, {"status": "applied"})
     finally:
@@ -459,7 +468,7 @@ async def test_restart_on_embedded_database_keeps_data(tmp_path: Path) -> None:
 async def test_webhook_refuses_to_start_without_a_valid_secret(
     tmp_path: Path, secret: str | None, message: str
 ) -> None:
-    env = subprocess_env(AUTHSVC_DATA_DIR=str(tmp_path))
+    env = child_env(AUTHSVC_DATA_DIR=str(tmp_path))
     if secret is not None:
         env["CLERK_WEBHOOK_SECRET"] = secret
     proc = await asyncio.create_subprocess_exec(

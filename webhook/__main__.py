@@ -1,7 +1,6 @@
 """``python -m webhook``: the same as ``authsvc webhook``."""
 
-import sys
+from service.command import main
+from webhook.command import WEBHOOK
 
-from authsvc.cli import main
-
-raise SystemExit(main(["webhook", *sys.argv[1:]]))
+raise SystemExit(main(WEBHOOK, prog="python -m webhook"))

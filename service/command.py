@@ -1,0 +1,142 @@
+"""Running one command of a process: its ``--help`` (the settings it reads), settings, exit codes.
+
+Each package names its own commands (``GRPC`` here, ``webhook.command.WEBHOOK``,
+``authsvc dev`` in ``authsvc.cli``); ``python -m service``, ``python -m webhook``
+and the ``authsvc`` console script all run them through :func:`execute`. A
+command's ``run`` imports its process lazily, so ``--help`` and the small
+development commands stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from service import logs
+from service.settings import Settings, SettingsError, describe, load
+from service.startup import StartupError
+
+EXIT_CONFIG = 2
+
+# Read by every command that opens the database.
+DATABASE = ("mongodb_uri", "mongodb_db", "data_dir", "env", "log_level")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A long-running command: what ``--help`` says about it, what it requires, how it runs."""
+
+    name: str
+    summary: str
+    reads: tuple[str, ...]  # Settings field names, in the order --help lists them
+    run: Callable[[Settings], Awaitable[None]]
+    check: Callable[[Settings], None] | None = None  # raises SettingsError with every missing requirement
+    requires: str = ""  # one line for --help, e.g. "CLERK_WEBHOOK_SECRET"
+
+    def epilog(self) -> str:
+        """The table of the settings this command reads, for ``--help``."""
+        rows = [("variable", "default", "meaning"), *describe(self.reads)]
+        width = [max(len(row[i]) for row in rows) for i in range(2)]
+        lines = ["settings (environment variables; also read from .env in the working directory):"]
+        lines += [f"  {name:<{width[0]}}  {default:<{width[1]}}  {meaning}".rstrip() for name, default, meaning in rows]
+        if self.requires:
+            lines += ["", f"required: {self.requires}"]
+        lines += ["", "A missing or invalid setting exits with status 2, one line per problem."]
+        return "\n".join(lines)
+
+    def configure(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Give ``parser`` this command's description and settings table."""
+        parser.description = self.summary
+        parser.epilog = self.epilog()
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        return parser
+
+
+def authsvc_version() -> str:
+    """The installed distribution's version (``pyproject.toml``)."""
+    try:
+        return version("authsvc")
+    except PackageNotFoundError:  # pragma: no cover - running from a tree that was never installed
+        return "unknown"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"authsvc {authsvc_version()}")
+
+
+def run_until_done(factory: Callable[[], Awaitable[None]]) -> int:
+    """Run ``factory()`` in a fresh event loop: 0 when done or interrupted, 2 on a :class:`StartupError`."""
+
+    async def runner() -> None:
+        await factory()
+
+    try:
+        asyncio.run(runner())
+    except StartupError as exc:
+        print(f"authsvc: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def execute(command: Command) -> int:
+    """Load the settings (every problem at once, exit 2), set up logging, run ``command``."""
+    try:
+        settings = load(check=command.check)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"authsvc: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(settings.log_level)
+    with contextlib.suppress(BrokenPipeError):
+        return run_until_done(lambda: command.run(settings))
+    return 0
+
+
+def main(command: Command, argv: Sequence[str] | None = None, *, prog: str) -> int:
+    """``python -m PACKAGE``: parse ``--help``/``--version``, then :func:`execute`."""
+    parser = command.configure(argparse.ArgumentParser(prog=prog))
+    add_version(parser)
+    parser.parse_args(argv)
+    return execute(command)
+
+
+async def _serve_grpc(settings: Settings) -> None:
+    from service.app import run_grpc
+
+    await run_grpc(settings)
+
+
+GRPC = Command(
+    name="grpc",
+    summary="Serve the gRPC API (VerifyToken, GetUser, SetRole, health, reflection) on AUTHSVC_GRPC_ADDR.",
+    reads=(
+        *DATABASE,
+        "frontend_api_url",
+        "jwks_url",
+        "jwt_key",
+        "authorized_parties",
+        "jwt_audience",
+        "clock_skew_s",
+        "clerk_secret_key",
+        "clerk_api_url",
+        "jit_sync",
+        "grpc_addr",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "drain_s",
+        "workers",
+        "metrics_addr",
+        "ext_authz",
+    ),
+    run=_serve_grpc,
+    check=Settings.check_grpc,
+    requires="CLERK_FRONTEND_API_URL (or CLERK_JWT_KEY); MONGODB_URI when AUTHSVC_ENV=production",
+)
