@@ -25,6 +25,7 @@ async def _serve_dev(settings: Settings) -> None:
 
 DEV = Command(
     name="dev",
+    brief="both, on the embedded database, with a development issuer and secret",
     summary=(
         "Run the sidecar and the gRPC service in one process with a development issuer and webhook secret "
         "(kept under AUTHSVC_DATA_DIR/dev/), on the embedded database unless MONGODB_URI is set. "
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        command.configure(sub.add_parser(command.name, help=command.summary.split(" (")[0].rstrip(".")))
+        command.configure(sub.add_parser(command.name, help=command.brief))
     token = sub.add_parser("dev-token", help="print a session JWT signed by the development issuer")
     token.add_argument("subject", help="the Clerk user id (sub), e.g. user_1")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")

@@ -32,7 +32,8 @@ class Command:
     """A long-running command: what ``--help`` says about it, what it requires, how it runs."""
 
     name: str
-    summary: str
+    brief: str  # one line for the list of commands
+    summary: str  # the description of its --help
     reads: tuple[str, ...]  # Settings field names, in the order --help lists them
     run: Callable[[Settings], Awaitable[None]]
     check: Callable[[Settings], None] | None = None  # raises SettingsError with every missing requirement
@@ -115,6 +116,7 @@ async def _serve_grpc(settings: Settings) -> None:
 
 GRPC = Command(
     name="grpc",
+    brief="serve the gRPC API on AUTHSVC_GRPC_ADDR",
     summary="Serve the gRPC API (VerifyToken, GetUser, SetRole, health, reflection) on AUTHSVC_GRPC_ADDR.",
     reads=(
         *DATABASE,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import sys
@@ -13,21 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from authsvc.dev.procs import ServerProcess, child_env, free_port, printed
+from authsvc.dev.events import Changes, merge
+from authsvc.dev.procs import ServerProcess, child_env, free_port, printed, run
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
 from tests.conftest import WEBHOOK_SECRET
 
 AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
-
-
-async def run(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @dataclass
@@ -157,3 +148,56 @@ async def test_dotenv_in_working_directory_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("CLERK_WEBHOOK_SECRET=not-a-secret\n")
     code, _, err = await run(AUTHSVC, "webhook", env=child_env(), cwd=tmp_path)
     assert code == 2 and "must start with 'whsec_'" in err
+
+
+async def get_user(grpc_addr: str, user_id: str) -> authsvc_pb2.User:
+    async with grpc.aio.insecure_channel(grpc_addr) as channel:
+        stub = authsvc_pb2_grpc.AuthServiceStub(channel)
+        user: authsvc_pb2.User = await stub.GetUser(authsvc_pb2.GetUserRequest(external_id=user_id), timeout=10)
+        return user
+
+
+async def test_dev_webhook_update_keeps_what_it_is_not_given(dev: Dev) -> None:
+    async def dev_webhook(*args: str) -> tuple[int, str, str]:
+        return await run(AUTHSVC, "dev-webhook", *args, env=dev.env, cwd=dev.cwd)
+
+    code, _, err = await dev_webhook(
+        "user.created", "--id", "user_1", "--role", "superadmin", "--email", "ada@example.com",
+        "--first-name", "Ada", "--last-name", "Lovelace",
+    )  # fmt: skip
+    assert code == 0, err
+
+    code, out, err = await dev_webhook("user.updated", "--id", "user_1", "--first-name", "Augusta")
+    assert code == 0 and json.loads(out.split(" ", 1)[1]) == {"status": "applied"}, (out, err)
+    assert "keeps from the dev database: role superadmin, email ada@example.com" in err
+    assert "last name 'Lovelace'" in err
+    user = await get_user(dev.grpc_addr, "user_1")
+    assert (user.name, user.email, user.role) == ("Augusta Lovelace", "ada@example.com", authsvc_pb2.ROLE_SUPERADMIN)
+
+    code, _, err = await dev_webhook("user.updated", "--id", "user_1", "--role", "admin")
+    assert code == 0, err
+    assert "email ada@example.com, name 'Augusta Lovelace'" in err and "role" not in err.split("keeps")[1]
+    user = await get_user(dev.grpc_addr, "user_1")
+    assert (user.name, user.email, user.role) == ("Augusta Lovelace", "ada@example.com", authsvc_pb2.ROLE_ADMIN)
+
+    # A user the dev database does not hold: said, then sent as given.
+    code, _, err = await dev_webhook("user.updated", "--id", "user_9", "--first-name", "Grace")
+    assert code == 0 and "user_9 is not in the dev database" in err
+
+    # With the dev service gone, an update is refused rather than sent blind.
+    assert dev.process.stop() == 0
+    code, out, err = await dev_webhook("user.updated", "--id", "user_1", "--first-name", "Ada")
+    assert code == 1 and out == ""
+    assert "cannot read user_1" in err and "nothing was overwritten" in err
+
+
+def test_merge_keeps_the_other_half_of_the_name() -> None:
+    held = authsvc_pb2.User(
+        external_id="user_1", name="Ada Lovelace", email="a@example.com", role=authsvc_pb2.ROLE_STAFF
+    )
+    merged, kept = merge(Changes(last_name="King"), held)
+    assert merged == Changes(role="staff", email="a@example.com", first_name="Ada", last_name="King")
+    assert kept == ["role staff", "email a@example.com", "first name 'Ada' (from the stored name 'Ada Lovelace')"]
+    merged, kept = merge(Changes(first_name="Grace", last_name="Hopper", email="g@example.com"), held)
+    assert merged == Changes(role="staff", email="g@example.com", first_name="Grace", last_name="Hopper")
+    assert kept == ["role staff"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings, SettingsError, load
+from service.settings import Settings, SettingsError, describe, load
 from tests.conftest import WEBHOOK_SECRET
 
 
@@ -68,3 +68,64 @@ def test_webhook_and_grpc_requirements() -> None:
         Settings(frontend_api_url="https://clerk.example/").resolved_jwks_url
         == "https://clerk.example/.well-known/jwks.json"
     )
+
+
+def test_dotenv_comments_after_values_are_not_part_of_them(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "MONGODB_DB=fromfile # the database\n"
+        "AUTHSVC_CLOCK_SKEW_S=10\t# seconds\n"
+        "CLERK_AUTHORIZED_PARTIES=https://a.example,https://b.example  # two origins\n"
+        'CLERK_JWT_AUDIENCE="aud # with a hash"  # quoted: the hash is part of the value\n'
+        "AUTHSVC_JIT_SYNC=off # a switch\n"
+    )
+    s = load({}, dotenv=dotenv)
+    assert s.mongodb_db == "fromfile"
+    assert s.clock_skew_s == 10
+    assert s.authorized_parties == ("https://a.example", "https://b.example")
+    assert s.jwt_audience == "aud # with a hash"
+    assert s.jit_sync is False
+
+
+def test_invalid_values_and_missing_requirements_are_reported_together() -> None:
+    with pytest.raises(SettingsError) as info:
+        load(
+            {"AUTHSVC_ENV": "production", "AUTHSVC_LOG_LEVEL": "loud", "AUTHSVC_WEBHOOK_PATH": "hook"},
+            dotenv=None,
+            check=Settings.check_webhook,
+        )
+    problems = info.value.problems
+    assert [p.split()[0] for p in problems] == [
+        "AUTHSVC_WEBHOOK_PATH",
+        "AUTHSVC_LOG_LEVEL",
+        "CLERK_WEBHOOK_SECRET",
+        "MONGODB_URI",
+    ], problems
+
+
+def test_a_requirement_on_an_invalid_value_is_not_reported_twice() -> None:
+    with pytest.raises(SettingsError) as info:
+        load({"CLERK_WEBHOOK_SECRET": "nope"}, dotenv=None, check=Settings.check_webhook)
+    assert info.value.problems == ["CLERK_WEBHOOK_SECRET must start with 'whsec_'"]
+
+
+def test_production_refuses_the_embedded_database_for_every_command() -> None:
+    env = {
+        "AUTHSVC_ENV": "Production",
+        "CLERK_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "CLERK_FRONTEND_API_URL": "https://c.example",
+    }
+    for check in (Settings.check_webhook, Settings.check_grpc, Settings.check_dev):
+        with pytest.raises(SettingsError) as info:
+            load(env, dotenv=None, check=check)
+        assert len(info.value.problems) == 1 and "AUTHSVC_ENV=production" in info.value.problems[0]
+    load({**env, "MONGODB_URI": "mongodb://db.example"}, dotenv=None, check=Settings.check_grpc)
+
+
+def test_describe_shows_switches_as_on_and_off() -> None:
+    assert describe(["jit_sync", "ext_authz", "mongodb_uri", "data_dir"]) == [
+        ("AUTHSVC_JIT_SYNC", "on", Settings.model_fields["jit_sync"].description),
+        ("AUTHSVC_EXT_AUTHZ", "off", Settings.model_fields["ext_authz"].description),
+        ("MONGODB_URI", "unset", Settings.model_fields["mongodb_uri"].description),
+        ("AUTHSVC_DATA_DIR", ".data", Settings.model_fields["data_dir"].description),
+    ]

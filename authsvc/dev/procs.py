@@ -1,5 +1,7 @@
 """Child processes for tests and benchmarks: a server run as production runs it, on a free loopback port.
 
+:func:`run` runs a command to its end (``authsvc --help``, ``authsvc dev-token``).
+
 :class:`ServerProcess` is the one runner: its own process group (so the
 benchmarks can account its CPU), stdout and stderr into one log file, ready
 when a probe says so (:func:`http_ok`, :func:`grpc_serving`, :func:`printed`),
@@ -33,6 +35,7 @@ __all__ = [
     "health_check",
     "http_ok",
     "printed",
+    "run",
     "terminate",
 ]
 
@@ -48,6 +51,24 @@ def child_env(**overrides: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path.cwd()), env.get("PYTHONPATH")) if p)
     env.update(overrides)
     return env
+
+
+async def run(
+    *argv: str, env: dict[str, str], cwd: Path | None = None, timeout_s: float = 60.0
+) -> tuple[int, str, str]:
+    """Run a command to its end: ``(exit code, stdout, stderr)``; killed if it outlives ``timeout_s``."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise TimeoutError(f"{argv[0]} still ran after {timeout_s:.0f}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 class ServerProcess:
