@@ -19,13 +19,12 @@ from aiohttp import web
 from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service import logs
 from service.app import run_grpc
-from service.settings import load
+from service.settings import Settings, load
 from service.startup import split_addr
 
 
 async def serve() -> None:
-    settings = load(dotenv=None)
-    settings.check_grpc()
+    settings = load(dotenv=None, check=Settings.check_grpc)
     logs.setup(settings.log_level)
     issuer = DevIssuer.load_or_create(Path(os.environ["BENCH_ISSUER_DIR"]))
     host, port = split_addr(os.environ["BENCH_JWKS_ADDR"])
