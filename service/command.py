@@ -1,7 +1,7 @@
 """Running one command of a process: its ``--help`` (the settings it reads), settings, exit codes.
 
 Each package names its own commands (``GRPC`` here, ``webhook.command.WEBHOOK``,
-``authsvc dev`` in ``authsvc.cli``); ``python -m service``, ``python -m webhook``
+``authsvc.dev.command.DEV``); ``python -m service``, ``python -m webhook``
 and the ``authsvc`` console script all run them through :func:`execute`. A
 command's ``run`` imports its process lazily, so ``--help`` and the small
 development commands stay quick.
