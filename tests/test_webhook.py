@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from authsvc.dev.events import signed_headers
-from authsvc.dev.procs import child_env, free_port
+from authsvc.dev.procs import child_env, free_port, run
 from service.database import Database
 from service.embedded import EmbeddedMongo
 from service.settings import Settings
@@ -471,16 +471,7 @@ async def test_webhook_refuses_to_start_without_a_valid_secret(
     env = child_env(AUTHSVC_DATA_DIR=str(tmp_path))
     if secret is not None:
         env["CLERK_WEBHOOK_SECRET"] = secret
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "webhook",
-        env=env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 2
-    lines = err.decode().strip().splitlines()
+    code, _, err = await run(sys.executable, "-m", "webhook", env=env, cwd=tmp_path)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0]

@@ -54,9 +54,12 @@ def child_env(**overrides: str) -> dict[str, str]:
 
 
 async def run(
-    *argv: str, env: dict[str, str], cwd: Path | None = None, timeout_s: float = 60.0
+    *argv: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout_s: float = 60.0
 ) -> tuple[int, str, str]:
-    """Run a command to its end: ``(exit code, stdout, stderr)``; killed if it outlives ``timeout_s``."""
+    """Run a command to its end: ``(exit code, stdout, stderr)``; killed if it outlives ``timeout_s``.
+
+    ``env`` defaults to ours; give :func:`child_env` for an ``authsvc`` command.
+    """
     proc = await asyncio.create_subprocess_exec(
         *argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
