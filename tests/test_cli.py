@@ -43,7 +43,7 @@ async def dev(tmp_path: Path) -> AsyncIterator[Dev]:
         AUTHSVC_GRPC_ADDR=f"127.0.0.1:{grpc_port}",
     )
     process = ServerProcess("authsvc dev", [AUTHSVC, "dev"], env=env, logfile=tmp_path / "dev.log", cwd=tmp_path)
-    await process.start_ready(printed("Ctrl-C stops it"))
+    await process.start_ready(printed("Ctrl-C stops it"), timeout_s=90)  # a loaded CI machine starts slowly
     try:
         yield Dev(process, env, tmp_path, f"127.0.0.1:{grpc_port}")
     finally:
