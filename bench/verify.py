@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2
 
 from authsvc.dev.issuer import DevIssuer
 from authsvc.dev.procs import ServerProcess, child_env, free_port, grpc_serving, health_check
+from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from bench.common import (
     Figure,
     Recorder,
@@ -35,7 +36,6 @@ from bench.common import (
     wait_go,
     workdir,
 )
-from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service.database import durable_write_concern, make_client
 from service.tokens import RESULT_CACHE_SIZE
 

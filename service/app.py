@@ -13,9 +13,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from service.access import RoleAdmin
+from service.access import RoleAdmin, UserReader
 from service.clerkapi import ClerkBackend
-from service.server import GrpcBindError, GrpcServer, start_server
+from service.server import ExtraService, GrpcBindError, GrpcServer, start_server
 from service.servicer import AuthServicer
 from service.settings import Settings
 from service.startup import StartupError, until_signalled, user_store
@@ -57,8 +57,11 @@ async def grpc_service(
         stack.push_async_callback(users.close)
         await users.start()
         servicer = AuthServicer(store, verifier, users, RoleAdmin(store, verifier, clerk))
+        extra = [_ext_authz(verifier, users, servicer)] if settings.ext_authz else []
         try:
-            server = await start_server(settings, servicer, store.ping, health_interval_s=health_interval_s)
+            server = await start_server(
+                settings, servicer, store.ping, health_interval_s=health_interval_s, extra=extra
+            )
         except GrpcBindError as exc:
             raise StartupError(str(exc)) from exc
         stack.push_async_callback(server.stop, grace_s)
@@ -67,6 +70,15 @@ async def grpc_service(
         if not settings.clerk_secret_key:
             log.warning("CLERK_SECRET_KEY is unset: SetRole writes MongoDB only; the next Clerk event wins")
         yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk)
+
+
+def _ext_authz(verifier: TokenVerifier, users: UserReader, servicer: AuthServicer) -> tuple[str, ExtraService]:
+    """Envoy's Check over the same verifier and user reader as VerifyToken (AUTHSVC_EXT_AUTHZ=on)."""
+    try:
+        from service.extauthz import SERVICE_NAME, ExtAuthzServicer
+    except ImportError as exc:
+        raise StartupError("AUTHSVC_EXT_AUTHZ=on needs the Envoy stubs: pip install 'authsvc[envoy]'") from exc
+    return SERVICE_NAME, ExtAuthzServicer(verifier, users, servicer.serve)
 
 
 async def run_grpc(settings: Settings) -> None:

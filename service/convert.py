@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from protos.authsvc.v1 import authsvc_pb2
+from authsvc_client.bearer import MalformedAuthorization, parse_bearer
+from authsvc_client.v1 import authsvc_pb2
 from service.errors import TokenMalformed
 from service.roles import Role
 from service.tokens import VerifiedToken
@@ -19,10 +20,7 @@ _MAX_SAFE_INT = 2**53
 
 def role_from_proto(value: int) -> Role | None:
     """The domain role of a proto enum value; None for ROLE_UNSPECIFIED and unknown numbers."""
-    try:
-        return Role(value)
-    except ValueError:
-        return None
+    return Role.from_proto(value)
 
 
 def _timestamp(target: Any, value: datetime | None) -> None:
@@ -36,7 +34,7 @@ def user_message(record: UserRecord) -> authsvc_pb2.User:
         external_id=record.external_id,
         name=record.name,
         email=record.email or "",
-        role=f"ROLE_{record.role.name}",
+        role=authsvc_pb2.Role.Value(f"ROLE_{record.role.name}"),
         is_active=record.is_active,
     )
     _timestamp(message.created_at, record.created_at)
@@ -65,12 +63,10 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     for key, value in metadata or ():
         if key.lower() != "authorization":
             continue
-        if not isinstance(value, str):
-            raise TokenMalformed("authorization metadata must be 'Bearer <token>'")
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            raise TokenMalformed("authorization metadata must be 'Bearer <token>'")
-        return token.strip() or None
+        try:
+            return parse_bearer(value if isinstance(value, str) else "") or None
+        except MalformedAuthorization:
+            raise TokenMalformed("authorization metadata must be 'Bearer <token>'") from None
     return None
 
 

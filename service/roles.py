@@ -1,38 +1,9 @@
-"""Roles and their order: superadmin > admin > staff. Pure."""
+"""Roles and their order (superadmin > admin > staff): the one definition lives in the client package."""
 
 from __future__ import annotations
 
-import enum
+from authsvc_client.roles import Role
 
-
-class Role(enum.IntEnum):
-    """A user's role; the integer value is the rank (and the proto enum number)."""
-
-    STAFF = 1
-    ADMIN = 2
-    SUPERADMIN = 3
-
-    @property
-    def wire(self) -> str:
-        """The name stored in MongoDB and in Clerk ``public_metadata.role``."""
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, value: object) -> Role | None:
-        """The role named ``value`` (``"admin"``, ASCII case ignored), or None when it is not a known role.
-
-        Only ASCII is folded: ``str.upper()`` maps look-alikes (a long s, a dotless i)
-        onto ASCII names, and those must never grant a role.
-        """
-        if isinstance(value, str) and value.isascii():
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                return None
-        return None
-
-    def at_least(self, minimum: Role) -> bool:
-        return self >= minimum
-
+__all__ = ["DEFAULT_ROLE", "Role"]
 
 DEFAULT_ROLE = Role.STAFF

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
+from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service.logs import fields
 from service.reflection import enable_reflection
 from service.servicer import AuthServicer
@@ -33,6 +34,12 @@ SERVER_OPTIONS = [
     # Requests are a token (at most 8 KiB) and an id: refuse anything far larger.
     ("grpc.max_receive_message_length", 256 * 1024),
 ]
+
+
+class ExtraService(Protocol):
+    """A further servicer on the same server (Envoy's Authorization): named for reflection, added by itself."""
+
+    def add_to(self, server: grpc.aio.Server) -> None: ...
 
 
 class GrpcBindError(OSError):
@@ -107,19 +114,24 @@ async def start_server(
     ready: Readiness,
     *,
     health_interval_s: float = 2.0,
+    extra: Sequence[tuple[str, ExtraService]] = (),
 ) -> GrpcServer:
     """Serve ``servicer``, Health and reflection on ``settings.grpc_addr``; return the server and bound port.
 
     TLS when ``tls_cert``/``tls_key`` are set; with ``tls_client_ca`` clients
     must present a certificate it signed. Health reports SERVING (overall and
     for AuthService) only while ``ready()`` is true, re-checked every
-    ``health_interval_s``. Raises :class:`GrpcBindError` if the address cannot be bound.
+    ``health_interval_s``. ``extra`` adds further services, as
+    ``(full service name, servicer)``, listed by reflection too.
+    Raises :class:`GrpcBindError` if the address cannot be bound.
     """
     server = grpc.aio.server(options=SERVER_OPTIONS)
     authsvc_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    enable_reflection(server, (SERVICE_NAME, HEALTH_NAME))
+    for _, servicer_ in extra:
+        servicer_.add_to(server)
+    enable_reflection(server, (SERVICE_NAME, *(name for name, _ in extra), HEALTH_NAME))
 
     credentials = _credentials(settings)
     try:

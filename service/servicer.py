@@ -22,7 +22,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
+from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service import logs
 from service.access import MAX_EXTERNAL_ID, RoleAdmin, UserReader, authorize, check_external_id
 from service.convert import bearer_token, role_from_proto, user_message, verify_response
@@ -72,7 +72,7 @@ async def _abort(context: Context, code: grpc.StatusCode, message: str, reason: 
     raise AssertionError("abort_with_status returns only by raising")
 
 
-class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
     """``authsvc.v1.AuthService``: VerifyToken, GetUser, SetRole.
 
     ``users`` serves VerifyToken's hot-path reads (the store, or its cache);
@@ -98,7 +98,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             verified, user = await authorize(self._verifier, self._users, request.token, min_role)
             return self._responses.get(request.token, verified, user)
 
-        return await self._serve("VerifyToken", context, handle)
+        return await self.serve("VerifyToken", context, handle)
 
     async def GetUser(self, request: authsvc_pb2.GetUserRequest, context: Context) -> authsvc_pb2.User:
         """The synced user (``is_active`` false once deleted); NOT_FOUND when unknown or erased."""
@@ -111,7 +111,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 raise UserNotFound("user not found")
             return user_message(record)
 
-        return await self._serve("GetUser", context, handle)
+        return await self.serve("GetUser", context, handle)
 
     async def SetRole(self, request: authsvc_pb2.SetRoleRequest, context: Context) -> authsvc_pb2.User:
         """Change a user's role; the bearer token in the metadata must be an active superadmin's."""
@@ -122,9 +122,10 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             record = await self._roles.set_role(token, request.external_id, role_from_proto(request.role))
             return user_message(record)
 
-        return await self._serve("SetRole", context, handle)
+        return await self.serve("SetRole", context, handle)
 
-    async def _serve(self, rpc: str, context: Context, handle: Callable[[], Awaitable[T]]) -> T:
+    async def serve(self, rpc: str, context: Context, handle: Callable[[], Awaitable[T]]) -> T:
+        """Run ``handle`` as RPC ``rpc``: an AuthError becomes its status and ErrorInfo; one log line per call."""
         started = time.perf_counter()
         code, reason = grpc.StatusCode.OK, None
         failure: ExcInfo | None = None

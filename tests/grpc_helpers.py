@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from protos.authsvc.v1 import authsvc_pb2_grpc
+from authsvc_client.v1 import authsvc_pb2_grpc
 from service.app import GrpcService, grpc_service
 from service.clerkapi import ClerkBackend
 from service.roles import Role

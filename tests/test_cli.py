@@ -14,7 +14,7 @@ import pytest
 
 from authsvc.dev.events import Changes, merge
 from authsvc.dev.procs import ServerProcess, child_env, free_port, printed, run
-from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
+from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from tests.conftest import WEBHOOK_SECRET
 
 AUTHSVC = str(Path(sys.executable).with_name("authsvc"))

@@ -123,3 +123,21 @@ async def test_health_check(h: Harness) -> None:
     code, out, err = await run("-plaintext", h.target, "grpc.health.v1.Health/Check")
     assert code == 0, err
     assert json.loads(out) == {"status": "SERVING"}
+
+
+async def test_ext_authz_is_listed_described_and_callable_through_reflection(
+    settings: Settings, store: UserStore
+) -> None:
+    async with LocalIssuer() as issuer, serve(settings, store, issuer, ext_authz=True) as h:
+        code, out, err = await run("-plaintext", h.target, "list")
+        assert code == 0, err
+        assert "envoy.service.auth.v3.Authorization" in out.split()
+        code, out, err = await run("-plaintext", h.target, "describe", "envoy.service.auth.v3.Authorization")
+        assert code == 0, err
+        assert "rpc Check ( .envoy.service.auth.v3.CheckRequest )" in out
+        body = {"attributes": {"context_extensions": {"min_role": "admin"}}}
+        code, out, err = await call(h, "envoy.service.auth.v3.Authorization/Check", body)
+        assert code == 0, err
+        reply = json.loads(out)
+        assert reply["denied_response"]["status"]["code"] == "Unauthorized"
+        assert json.loads(reply["denied_response"]["body"])["reason"] == "TOKEN_MISSING"

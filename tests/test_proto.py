@@ -1,37 +1,23 @@
-"""The committed stubs are what `make proto` generates from the committed proto."""
+"""The committed stubs are what `make proto` generates from the committed proto; one copy serves everyone."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PROTO = "protos/authsvc/v1/authsvc.proto"
-STUBS = ("authsvc_pb2.py", "authsvc_pb2.pyi", "authsvc_pb2_grpc.py")
+import authsvc_client.v1
+from authsvc.dev.protogen import PACKAGE_DIR, PROTO, STUBS, generate
+from authsvc_client.v1 import authsvc_pb2
 
 
 def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
-    (tmp_path / "protos/authsvc/v1").mkdir(parents=True)
-    shutil.copy(ROOT / PROTO, tmp_path / PROTO)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "-I",
-            ".",
-            "--python_out=.",
-            "--pyi_out=.",
-            "--grpc_python_out=.",
-            PROTO,
-        ],
-        cwd=tmp_path,
-        check=True,
-        capture_output=True,
-    )
+    generate(tmp_path)
     for name in STUBS:
-        fresh = (tmp_path / "protos/authsvc/v1" / name).read_text()
-        committed = (ROOT / "protos/authsvc/v1" / name).read_text()
+        fresh = (tmp_path / name).read_text()
+        committed = (PACKAGE_DIR / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make proto`"
+
+
+def test_the_server_imports_the_client_package_stubs() -> None:
+    assert Path(authsvc_client.v1.__file__).parent == PACKAGE_DIR
+    assert authsvc_pb2.DESCRIPTOR.name == PROTO
+    assert authsvc_pb2.DESCRIPTOR.package == "authsvc.v1"

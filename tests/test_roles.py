@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protos.authsvc.v1 import authsvc_pb2
+from authsvc_client.v1 import authsvc_pb2
 from service.roles import DEFAULT_ROLE, Role
 
 

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2
 
 from authsvc.dev.issuer import DevIssuer
 from authsvc.dev.procs import health_check
-from protos.authsvc.v1 import authsvc_pb2 as pb
-from protos.authsvc.v1 import authsvc_pb2_grpc
+from authsvc_client.v1 import authsvc_pb2 as pb
+from authsvc_client.v1 import authsvc_pb2_grpc
 from service.access import RoleAdmin
 from service.database import durable_write_concern, make_client
 from service.embedded import EmbeddedMongo

@@ -15,7 +15,7 @@ import grpc
 from svix.webhooks import Webhook
 
 from authsvc.dev.run import dev_dir, state_of
-from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
+from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service.convert import role_from_proto
 from service.settings import Settings
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.authsvc.v1 import authsvc_pb2 as protos_dot_authsvc_dot_v1_dot_authsvc__pb2
+from authsvc_client.v1 import authsvc_pb2 as authsvc_dot_v1_dot_authsvc__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/authsvc/v1/authsvc_pb2_grpc.py depends on'
+        + ' but the generated code in authsvc/v1/authsvc_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,18 +38,18 @@ class AuthServiceStub:
         """
         self.VerifyToken = channel.unary_unary(
                 '/authsvc.v1.AuthService/VerifyToken',
-                request_serializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenRequest.SerializeToString,
-                response_deserializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenResponse.FromString,
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenResponse.FromString,
                 _registered_method=True)
         self.GetUser = channel.unary_unary(
                 '/authsvc.v1.AuthService/GetUser',
-                request_serializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.GetUserRequest.SerializeToString,
-                response_deserializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.User.FromString,
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.User.FromString,
                 _registered_method=True)
         self.SetRole = channel.unary_unary(
                 '/authsvc.v1.AuthService/SetRole',
-                request_serializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.SetRoleRequest.SerializeToString,
-                response_deserializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.User.FromString,
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.User.FromString,
                 _registered_method=True)
 
 
@@ -84,18 +84,18 @@ def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'VerifyToken': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyToken,
-                    request_deserializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenRequest.FromString,
-                    response_serializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenResponse.SerializeToString,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenResponse.SerializeToString,
             ),
             'GetUser': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUser,
-                    request_deserializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.GetUserRequest.FromString,
-                    response_serializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.User.SerializeToString,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.GetUserRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.User.SerializeToString,
             ),
             'SetRole': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRole,
-                    request_deserializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.SetRoleRequest.FromString,
-                    response_serializer=protos_dot_authsvc_dot_v1_dot_authsvc__pb2.User.SerializeToString,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.SetRoleRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.User.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -125,8 +125,8 @@ class AuthService:
             request,
             target,
             '/authsvc.v1.AuthService/VerifyToken',
-            protos_dot_authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenRequest.SerializeToString,
-            protos_dot_authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenResponse.FromString,
+            authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.VerifyTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -152,8 +152,8 @@ class AuthService:
             request,
             target,
             '/authsvc.v1.AuthService/GetUser',
-            protos_dot_authsvc_dot_v1_dot_authsvc__pb2.GetUserRequest.SerializeToString,
-            protos_dot_authsvc_dot_v1_dot_authsvc__pb2.User.FromString,
+            authsvc_dot_v1_dot_authsvc__pb2.GetUserRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.User.FromString,
             options,
             channel_credentials,
             insecure,
@@ -179,8 +179,8 @@ class AuthService:
             request,
             target,
             '/authsvc.v1.AuthService/SetRole',
-            protos_dot_authsvc_dot_v1_dot_authsvc__pb2.SetRoleRequest.SerializeToString,
-            protos_dot_authsvc_dot_v1_dot_authsvc__pb2.User.FromString,
+            authsvc_dot_v1_dot_authsvc__pb2.SetRoleRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.User.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,149 @@
+"""The async client: VerifyToken, GetUser and SetRole with typed results and errors.
+
+Every call has a deadline (``timeout_s``, 5 s by default). The read calls
+(VerifyToken, GetUser) are retried on ``UNAVAILABLE`` by gRPC's own retry
+policy (exponential backoff from 0.1 s, at most ``attempts`` tries); SetRole
+is never retried, since a retry could apply a change twice in a race with
+another writer. Nothing is cached here: every answer is the server's, so a
+role change, a ban or a delete is seen by the next call.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+
+import grpc
+
+from authsvc_client.errors import from_rpc_error
+from authsvc_client.models import Identity, User
+from authsvc_client.roles import Role
+from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
+
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_ATTEMPTS = 4
+SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+READ_METHODS = ("VerifyToken", "GetUser")
+
+
+def service_config(attempts: int = DEFAULT_ATTEMPTS) -> str:
+    """The gRPC service config: retries with backoff on UNAVAILABLE for the read methods only."""
+    if attempts < 2:
+        return json.dumps({"methodConfig": []})
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE, "method": method} for method in READ_METHODS],
+                    "retryPolicy": {
+                        "maxAttempts": attempts,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def _async_stub(channel: grpc.aio.Channel) -> authsvc_pb2_grpc.AuthServiceAsyncStub:
+    # The stub's __new__ overloads pick the async stub for an aio channel; without
+    # grpc's type stubs mypy cannot tell the channels apart.
+    return authsvc_pb2_grpc.AuthServiceStub(channel)  # type: ignore[return-value, unused-ignore]
+
+
+class AuthsvcClient:
+    """An authsvc connection: ``async with AuthsvcClient("authsvc:50051") as authsvc: ...``.
+
+    Cheap to build anywhere; the channel opens on the first call and lives
+    until :meth:`close` (one client per process is the usual shape).
+
+    ``credentials`` selects TLS (``grpc.ssl_channel_credentials(...)``);
+    without it the channel is plaintext. ``attempts`` bounds the tries of a
+    read call (1 disables retries).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        self._target = target
+        self._credentials = credentials
+        self._options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config(attempts))]
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: authsvc_pb2_grpc.AuthServiceAsyncStub | None = None
+        self.timeout_s = timeout_s
+
+    @property
+    def _stub(self) -> authsvc_pb2_grpc.AuthServiceAsyncStub:
+        # The channel is opened on first use, inside the running event loop: a
+        # client may be built at import time (an aiohttp app built before run_app).
+        if self._stub_ is None:
+            channel: grpc.aio.Channel
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(self._target, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
+            self._channel, self._stub_ = channel, _async_stub(channel)
+        return self._stub_
+
+    async def __aenter__(self) -> AuthsvcClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel, self._stub_ = None, None
+
+    async def verify(self, token: str, min_role: Role | None = None, *, timeout_s: float | None = None) -> Identity:
+        """Who holds ``token``; with ``min_role``, also require a synced user of at least that role.
+
+        Raises :class:`Unauthenticated` (bad token), :class:`PermissionDenied`
+        (inactive, not synced, role too low), :class:`Unavailable`, :class:`DeadlineExceeded`.
+        """
+        request = authsvc_pb2.VerifyTokenRequest(token=token, min_role=int(min_role) if min_role else 0)  # type: ignore[arg-type]
+        try:
+            reply = await self._stub.VerifyToken(request, timeout=timeout_s or self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+        return Identity.from_proto(reply)
+
+    async def get_user(self, external_id: str, *, timeout_s: float | None = None) -> User:
+        """The user ``external_id`` (``is_active`` false once deleted); :class:`NotFound` when unknown."""
+        try:
+            reply = await self._stub.GetUser(
+                authsvc_pb2.GetUserRequest(external_id=external_id), timeout=timeout_s or self.timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+        return User.from_proto(reply)
+
+    async def set_role(
+        self, caller_token: str, external_id: str, role: Role, *, timeout_s: float | None = None
+    ) -> User:
+        """Give ``external_id`` the role ``role``; the holder of ``caller_token`` must be an active superadmin.
+
+        Never retried. Raises :class:`PermissionDenied` (``CALLER_NOT_SUPERADMIN``),
+        :class:`FailedPrecondition` (``LAST_SUPERADMIN``, inactive target), :class:`NotFound`, ...
+        """
+        request = authsvc_pb2.SetRoleRequest(external_id=external_id, role=int(role))  # type: ignore[arg-type]
+        try:
+            reply = await self._stub.SetRole(
+                request,
+                timeout=timeout_s or self.timeout_s,
+                metadata=(("authorization", f"Bearer {caller_token}"),),
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+        return User.from_proto(reply)
