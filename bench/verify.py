@@ -64,6 +64,7 @@ def client_worker(config: dict[str, Any], ready: Any, go: Any) -> dict[str, Any]
 async def _calls(config: dict[str, Any], tokens: list[str], ready: Any, go: Any) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(config["target"]) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
+        method: Any
         if config["rpc"] == "health":
             method = health_check(channel)
             requests: list[Any] = [health_pb2.HealthCheckRequest(service="")]

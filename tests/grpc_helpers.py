@@ -80,7 +80,7 @@ class Harness:
     issuer: LocalIssuer
     service: GrpcService
     channel: grpc.aio.Channel
-    stub: authsvc_pb2_grpc.AuthServiceStub
+    stub: authsvc_pb2_grpc.AuthServiceAsyncStub
 
     @property
     def verifier(self) -> TokenVerifier:

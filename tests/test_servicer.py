@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2
 
 from authsvc.dev.issuer import DevIssuer
@@ -115,7 +116,8 @@ async def test_valid_token_returns_identity_user_and_claims(h: Harness) -> None:
     assert reply.user.HasField("created_at") and reply.user.HasField("updated_at")
     assert not reply.user.HasField("last_login_at")
     assert reply.claims["sub"] == STAFF and reply.claims["iss"] == h.issuer.url
-    assert reply.claims["org"]["id"] == "org_1" and list(reply.claims["org"]["tags"]) == ["a", 2]
+    org = json_format.MessageToDict(reply.claims)["org"]
+    assert org["id"] == "org_1" and org["tags"] == ["a", 2]
     assert reply.claims["exp"] == int(expires.timestamp())
 
 
