@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from service.access import RoleAdmin, UserReader
 from service.clerkapi import ClerkBackend
-from service.server import ExtraService, GrpcBindError, GrpcServer, start_server
+from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
 from service.settings import Settings
 from service.startup import StartupError, until_signalled, user_store
@@ -58,10 +58,13 @@ async def grpc_service(
         await users.start()
         servicer = AuthServicer(store, verifier, users, RoleAdmin(store, verifier, clerk))
         extra = [_ext_authz(verifier, users, servicer)] if settings.ext_authz else []
+
+        async def ready() -> bool:
+            # No signing key at all (a cold start with the JWKS down): no token can be verified.
+            return verifier.ready and await store.ping()
+
         try:
-            server = await start_server(
-                settings, servicer, store.ping, health_interval_s=health_interval_s, extra=extra
-            )
+            server = await start_server(settings, servicer, ready, health_interval_s=health_interval_s, extra=extra)
         except GrpcBindError as exc:
             raise StartupError(str(exc)) from exc
         stack.push_async_callback(server.stop, grace_s)
@@ -81,7 +84,8 @@ def _ext_authz(verifier: TokenVerifier, users: UserReader, servicer: AuthService
     return SERVICE_NAME, ExtAuthzServicer(verifier, users, servicer.serve)
 
 
-async def run_grpc(settings: Settings) -> None:
-    """``authsvc grpc``: serve until SIGTERM/SIGINT, then stop gracefully."""
-    async with user_store(settings) as store, grpc_service(settings, store):
+async def run_grpc(settings: Settings, *, grace_s: float = 5.0) -> None:
+    """``authsvc grpc``: serve until SIGTERM/SIGINT, then drain (``AUTHSVC_DRAIN_S``) and stop."""
+    async with user_store(settings) as store, grpc_service(settings, store, grace_s=grace_s) as service:
         await until_signalled()
+        await drain(service.server, settings.drain_s, grace_s)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
+from service.calls import CallGuard
 from service.logs import fields
 from service.reflection import enable_reflection
 from service.servicer import AuthServicer
@@ -55,9 +56,14 @@ class GrpcServer:
     health: health_aio.HealthServicer = field(repr=False)
     health_task: asyncio.Task[None] | None = field(default=None, repr=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    calls: CallGuard = field(default_factory=CallGuard, repr=False)
+    stopped: bool = field(default=False, repr=False)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Report NOT_SERVING, let calls in flight finish for ``grace_s``, stop the health checks."""
+        """Report NOT_SERVING, let calls in flight finish for ``grace_s``, stop the health checks (once)."""
+        if self.stopped:
+            return
+        self.stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.stopping.set()
@@ -100,6 +106,25 @@ async def _watch(
         await _set_health(health, serving)
 
 
+async def drain(server: GrpcServer, drain_s: float, grace_s: float = 5.0, *, quiet_s: float = 0.2) -> None:
+    """Stop one process for a rolling restart without failing a call it accepted.
+
+    Health turns NOT_SERVING at once (load balancers and health-checking
+    clients move away) while calls keep being served for ``drain_s``. Then it
+    waits for a quiet spell of ``quiet_s`` with no call reaching a handler
+    (bounded by ``grace_s``): ``grpc.aio``'s ``stop()`` cancels calls the core
+    accepted but had not yet handed to a handler, so none may be left. Finally
+    ``stop(grace_s)``: calls in handlers get ``grace_s`` to finish. Each worker
+    process of a multi-worker server runs this on its own server.
+    """
+    log.info("draining", extra=fields(drain_s=drain_s, grace_s=grace_s, active=server.calls.active))
+    await server.health.enter_graceful_shutdown()
+    await asyncio.sleep(drain_s)
+    settled = await server.calls.settled(quiet_s, grace_s)
+    log.info("drained; stopping", extra=fields(active=server.calls.active, settled=settled))
+    await server.stop(grace_s)
+
+
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
@@ -122,10 +147,13 @@ async def start_server(
     must present a certificate it signed. Health reports SERVING (overall and
     for AuthService) only while ``ready()`` is true, re-checked every
     ``health_interval_s``. ``extra`` adds further services, as
-    ``(full service name, servicer)``, listed by reflection too.
+    ``(full service name, servicer)``, listed by reflection too. Request bytes
+    that do not decode are answered ``INVALID_ARGUMENT`` on every method
+    (:class:`service.calls.CallGuard`).
     Raises :class:`GrpcBindError` if the address cannot be bound.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    calls = CallGuard()
+    server = grpc.aio.server(interceptors=(calls,), options=SERVER_OPTIONS)
     authsvc_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -157,4 +185,4 @@ async def start_server(
             ready=serving,
         ),
     )
-    return GrpcServer(server=server, port=port, health=health, health_task=task, stopping=stopping)
+    return GrpcServer(server=server, port=port, health=health, health_task=task, stopping=stopping, calls=calls)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.api_jwt import PyJWT
+from tenacity import AsyncRetrying, retry_if_result, wait_exponential_jitter
 
 from service import errors
 from service.logs import fields
@@ -72,6 +75,31 @@ def _translate(exc: jwt.PyJWTError) -> errors.TokenError:
     return errors.TokenMalformed("token is malformed")
 
 
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _claims_problem(claims: object) -> str | None:
+    """Why verified ``claims`` are malformed beyond what pyjwt checks, or None.
+
+    RFC 7519 makes ``exp``/``nbf``/``iat`` JSON numbers; pyjwt's ``int()``
+    also takes ``"1764062100"`` and ``true``. A lone surrogate (``"\\ud800"``
+    in the JSON) cannot be stored or sent back, so it is refused here, where it enters.
+    """
+    if not isinstance(claims, dict):
+        return "token claims are not a JSON object"
+    for name in TIME_CLAIMS:
+        value = claims.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return f"token claim {name} is not a number"
+    try:
+        json.dumps(claims, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):  # lone surrogate; NaN/Infinity outside the time claims
+        return "token claims are not valid Unicode"
+    return None
+
+
 def _rsa_key_from_jwk(jwk: Any) -> tuple[str | None, RSAPublicKey]:
     """Parse one JWK; raise ValueError (with a loggable reason) unless it is an RS256 public key."""
     if not isinstance(jwk, dict):
@@ -114,6 +142,9 @@ class TokenVerifier:
         self._jwks_url = None if settings.jwt_key else settings.resolved_jwks_url
         self._refresh_interval = refresh_interval_s
         self._min_refetch = min_refetch_interval_s
+        # Failed fetches are retried after 0.5 s, 1 s, 2 s ... at most the refetch limit apart.
+        self._retry_initial = min(0.5, refresh_interval_s)
+        self._retry_max = min(refresh_interval_s, max(min_refetch_interval_s, 1.0))
         self._timeout = aiohttp.ClientTimeout(total=fetch_timeout_s)
         self._jwt = PyJWT({"require": ["exp", "iat", "sub"], "verify_aud": self._audience is not None})
         # kid -> parsed key; None is the key of a JWK without a kid.
@@ -144,8 +175,13 @@ class TokenVerifier:
         if self._jwks_url is None or self._session is not None:
             return
         self._session = aiohttp.ClientSession(timeout=self._timeout)
-        await self._shared_fetch()
-        self._refresher = asyncio.create_task(self._refresh_loop(), name="jwks-refresh")
+        ok = await self._shared_fetch()
+        self._refresher = asyncio.create_task(self._refresh_loop(ok), name="jwks-refresh")
+
+    @property
+    def ready(self) -> bool:
+        """Whether a signing key is available (``CLERK_JWT_KEY``, or a key from the JWKS): health needs one."""
+        return self._static_key is not None or bool(self._keys)
 
     async def close(self) -> None:
         """Stop the background refresh and close the HTTP session."""
@@ -198,7 +234,15 @@ class TokenVerifier:
                 leeway=self._leeway,
             )
         except jwt.PyJWTError as exc:
+            if isinstance(exc, jwt.ExpiredSignatureError | jwt.ImmatureSignatureError):
+                # pyjwt compared a time claim through int(); say malformed if it was no number.
+                problem = _claims_problem(jwt.decode(token, options={"verify_signature": False}))
+                if problem is not None:
+                    raise errors.TokenMalformed(problem) from exc
             raise _translate(exc) from exc
+        problem = _claims_problem(claims)
+        if problem is not None:
+            raise errors.TokenMalformed(problem)
         result = self._result(claims)
 
         self._results[token] = (int(claims["exp"]), result)
@@ -263,18 +307,32 @@ class TokenVerifier:
             task.add_done_callback(done)
         return self._inflight
 
-    async def _refresh_loop(self) -> None:
-        ok = True
+    async def _refresh_loop(self, ok: bool) -> None:
         while True:
-            # After a failure retry sooner, but never faster than the refetch limit.
-            delay = self._refresh_interval if ok else min(self._refresh_interval, max(self._min_refetch, 1.0))
-            await asyncio.sleep(delay)
-            try:
-                ok = await asyncio.shield(self._shared_fetch())
-            except Exception:
-                # The refresh must outlive any surprise; verify() still reports errors.
-                log.exception("jwks refresh failed", extra=fields(url=self._jwks_url))
-                ok = False
+            if ok:
+                await asyncio.sleep(self._refresh_interval)
+            ok = await self._fetch_until_ok()
+
+    async def _fetch_until_ok(self) -> bool:
+        """Fetch until one succeeds, backing off exponentially (with jitter) up to the refetch limit.
+
+        A process that starts while the JWKS is down thus gets its keys
+        within about a second of the endpoint's return, not at the next refresh.
+        """
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(multiplier=self._retry_initial, max=self._retry_max, jitter=self._retry_initial),
+            retry=retry_if_result(lambda ok: not ok),
+        )
+        ok: bool = await retrying(self._refresh_once)
+        return ok
+
+    async def _refresh_once(self) -> bool:
+        try:
+            return await asyncio.shield(self._shared_fetch())
+        except Exception:
+            # The refresh must outlive any surprise; verify() still reports errors.
+            log.exception("jwks refresh failed", extra=fields(url=self._jwks_url))
+            return False
 
     async def _fetch(self) -> bool:
         """One JWKS request; install the keys it yields. A failure keeps the old keys."""

@@ -7,8 +7,9 @@ import time
 from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from service.errors import AuthError, PayloadTooLarge, status_of
+from service.errors import AuthError, InvalidArgument, PayloadTooLarge, status_of
 from service.logs import fields
 from service.settings import Settings
 from service.users import UserStore
@@ -24,14 +25,30 @@ STORE = web.AppKey("store", UserStore)
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its whole body arrived: nothing to answer."""
+
+
 async def read_body(request: web.Request) -> bytes:
-    """The raw body, refused with :class:`PayloadTooLarge` past :data:`MAX_BODY`."""
+    """The raw (decompressed) body.
+
+    Refused with :class:`PayloadTooLarge` past :data:`MAX_BODY` (also when a
+    ``Content-Encoding`` inflates past it), :class:`InvalidArgument` when a
+    ``Content-Encoding`` (gzip, deflate, br) does not decode; raises
+    :class:`ClientGone` when the client disconnects mid-body.
+    """
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise PayloadTooLarge("body over 1 MiB")
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge("body over 1 MiB") from exc
+    except (web.RequestPayloadError, HttpProcessingError) as exc:
+        # aiohttp decompresses while reading: a body that is not what its
+        # Content-Encoding says (or an encoding it cannot decode) ends here.
+        raise InvalidArgument("body does not decode per its Content-Encoding") from exc
+    except ConnectionResetError as exc:
+        raise ClientGone("client disconnected mid-body") from exc
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -50,6 +67,11 @@ async def receive(request: web.Request) -> web.Response:
         status = status_of(exc)[1]
         payload = {"error": str(exc)}
         line.update(outcome="rejected", reason=exc.reason, error=str(exc))
+    except ClientGone:
+        # A client going away is not a server error: no traceback, nothing counted as one.
+        line.update(outcome="client_gone", duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        log.info("webhook delivery", extra=fields(**line))
+        return web.Response(status=HTTPStatus.BAD_REQUEST)
     except Exception:
         log.exception("webhook delivery failed", extra=fields(**line))
         status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}

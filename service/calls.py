@@ -1,0 +1,158 @@
+"""Every RPC passes through :class:`CallGuard`: undecodable requests and the calls a drain waits for.
+
+grpc.aio answers ``UNKNOWN`` (and logs a traceback) when a request
+deserializer raises: bad UTF-8 in a string field, a corrupt wire format. The
+guard wraps each method's deserializer so that such bytes reach the handler
+as a marker instead, and the handler answers ``INVALID_ARGUMENT`` with the
+authsvc ErrorInfo, for every service on the server (AuthService, Health,
+reflection). It also notes when each call reached a handler, which is all a
+drain can see of the calls grpc.aio accepted (see :func:`service.server.drain`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from service.errors import DOMAIN, InvalidArgument, status_of
+from service.logs import fields
+
+log = logging.getLogger(__name__)
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes did not decode."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def wrapped(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf DecodeError, and whatever else a parser may raise
+            return _Undecodable(type(exc).__name__)
+
+    return wrapped
+
+
+async def _refuse(context: grpc.aio.ServicerContext, method: str, bad: _Undecodable) -> NoReturn:
+    error = InvalidArgument("request message does not decode")
+    log.info("rpc", extra=fields(method=method, code="INVALID_ARGUMENT", reason=error.reason, error=bad.error))
+    status = status_pb2.Status(code=status_of(error)[0].value[0], message=str(error))
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN))
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("abort_with_status returns only by raising")
+
+
+class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers undecodable requests ``INVALID_ARGUMENT``; counts calls for the drain."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.last_started = time.monotonic()
+
+    async def settled(self, quiet_s: float, timeout_s: float) -> bool:
+        """Wait until no call has reached a handler for ``quiet_s`` (at most ``timeout_s``).
+
+        grpc.aio takes accepted calls from the core one at a time; those not yet
+        taken are cancelled by ``server.stop()``. A quiet spell means there are none left.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = time.monotonic()
+            wait = self.last_started + quiet_s - now
+            if wait <= 0:
+                return True
+            if now + wait > deadline:
+                return False
+            await asyncio.sleep(wait)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        self.last_started = time.monotonic()
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method: str = details.method
+        changes: dict[str, Any] = {"request_deserializer": _lenient(handler.request_deserializer)}
+        if handler.unary_unary is not None:
+            changes["unary_unary"] = self._unary_unary(method, handler.unary_unary)
+        elif handler.unary_stream is not None:
+            changes["unary_stream"] = self._unary_stream(method, handler.unary_stream)
+        elif handler.stream_unary is not None:
+            changes["stream_unary"] = self._stream_unary(method, handler.stream_unary)
+        elif handler.stream_stream is not None:
+            changes["stream_stream"] = self._stream_stream(method, handler.stream_stream)
+        return handler._replace(**changes)
+
+    def _unary_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await _refuse(context, method, request)
+            self.active += 1
+            try:
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+            finally:
+                self.active -= 1
+
+        return behavior
+
+    def _unary_stream(self, method: str, inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                await _refuse(context, method, request)
+            self.active += 1
+            try:
+                result = inner(request, context)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        yield response
+                elif inspect.isawaitable(result):
+                    await result  # a handler that writes with context.write()
+            finally:
+                self.active -= 1
+
+        return behavior
+
+    def _requests(self, method: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, method, request)
+                yield request
+
+        return checked()
+
+    def _stream_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            result = inner(self._requests(method, requests, context), context)
+            return await result if inspect.isawaitable(result) else result
+
+        return behavior
+
+    def _stream_stream(self, method: str, inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            result = inner(self._requests(method, requests, context), context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            elif inspect.isawaitable(result):
+                await result
+
+        return behavior
