@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import logging
 import os
@@ -75,6 +76,25 @@ class EmbeddedMongo:
         self.host = host
         self.port = port or free_port(host)
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
+
+    def _hold_directory(self) -> None:
+        """Lock the data directory for this process: a second server on the same files is refused clearly."""
+        fd = os.open(self.directory / "authsvc.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EmbeddedUnavailable(
+                f"another process holds the embedded database in {self.directory} "
+                "(is another `authsvc dev` running on this AUTHSVC_DATA_DIR?)"
+            ) from None
+        self._lock = fd
+
+    def _release_directory(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
     @property
     def uri(self) -> str:
@@ -104,6 +124,7 @@ class EmbeddedMongo:
         if not available():
             raise EmbeddedUnavailable(MISSING_EXTRA)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._hold_directory()
         logfile = (self.directory / "secantusd.log").open("ab")
         try:
             self._proc = subprocess.Popen(
@@ -113,11 +134,15 @@ class EmbeddedMongo:
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
+        except OSError:
+            self._release_directory()
+            raise
         finally:
             logfile.close()
         deadline = time.monotonic() + timeout_s
         while not await self._answers():
             if self._proc.poll() is not None:
+                self._release_directory()
                 raise EmbeddedUnavailable(
                     f"the embedded database exited with code {self._proc.returncode}; "
                     f"see {self.directory / 'secantusd.log'}"
@@ -155,8 +180,10 @@ class EmbeddedMongo:
         """SIGTERM, then SIGKILL if it does not exit in ``timeout_s``."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
+            self._release_directory()
             return
         terminate(proc, timeout_s)
+        self._release_directory()
         log.info("embedded database stopped", extra=fields(port=self.port))
 
     def kill(self) -> None:
@@ -165,3 +192,4 @@ class EmbeddedMongo:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        self._release_directory()

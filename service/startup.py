@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 
-from service.database import open_database
+from service.database import describe_failure, open_database
 from service.embedded import EmbeddedUnavailable
 from service.errors import DatabaseUnavailable
 from service.settings import Settings
@@ -35,7 +35,7 @@ async def user_store(settings: Settings) -> AsyncIterator[UserStore]:
     except EmbeddedUnavailable as exc:
         raise StartupError(str(exc)) from exc
     except Exception as exc:
-        raise StartupError(f"cannot reach MongoDB: {type(exc).__name__}") from exc
+        raise StartupError(describe_failure(settings.mongodb_uri or "", exc)) from exc
     try:
         store = UserStore(database.db, write_concern=database.write_concern, delete_mode=settings.delete_mode)
         try:
