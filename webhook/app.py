@@ -46,6 +46,10 @@ async def read_body(request: web.Request) -> bytes:
     except (web.RequestPayloadError, HttpProcessingError) as exc:
         # aiohttp decompresses while reading: a body that is not what its
         # Content-Encoding says (or an encoding it cannot decode) ends here.
+        # Mark the body consumed, or aiohttp's lingering read after our 400
+        # meets the same error again and logs it as unhandled.
+        request.content.feed_eof()
+        request.protocol.close()  # the rest of this stream is unusable: no keep-alive
         raise InvalidArgument("body does not decode per its Content-Encoding") from exc
     except ConnectionResetError as exc:
         raise ClientGone("client disconnected mid-body") from exc

@@ -1,0 +1,223 @@
+"""Hostile input to the webhook sidecar: the defects of issue 7, each against a real sidecar on loopback.
+
+Never a 5xx, never a traceback for a client's mistake; a signed but invalid
+event is a 400 that changes nothing (so Svix does not retry a poison message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import brotli
+import pytest
+
+from service.settings import Settings
+from service.users import UserStore
+from tests.conftest import WEBHOOK_SECRET
+from tests.sidecar import Sender, fixture
+from webhook.main import sidecar
+
+UID = "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"
+
+
+@pytest.fixture
+async def sender(settings: Settings, store: UserStore) -> AsyncIterator[Sender]:
+    async with sidecar(settings, store) as port, aiohttp.ClientSession() as session:
+        yield Sender(session, f"http://127.0.0.1:{port}{settings.webhook_path}", WEBHOOK_SECRET)
+
+
+def raw_signed_headers(body: bytes, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
+    """Svix headers signing the raw bytes of ``body`` (Svix's scheme, computed here independently)."""
+    msg_id, stamp = f"msg_{uuid.uuid4().hex}", str(int(time.time()))
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {"svix-id": msg_id, "svix-timestamp": stamp, "svix-signature": "v1," + base64.b64encode(mac).decode()}
+
+
+async def assert_untouched(store: UserStore) -> None:
+    assert await store.users.count_documents({}) == 0
+    assert await store.events.count_documents({}) == 0
+
+
+def assert_no_error_logged(caplog: pytest.LogCaptureFixture) -> None:
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+async def post_raw(sender: Sender, body: bytes, headers: dict[str, str]) -> int:
+    async with sender.session.post(sender.url, data=body, headers=headers) as response:
+        await response.read()
+        return response.status
+
+
+# --- defect 2 (webhook side): lone surrogates are refused where they enter ---------------
+def with_surrogate(where: str) -> str:
+    event = fixture("user.created")
+    marker = "SURROGATE"
+    if where == "type":
+        event["type"] = f"user.{marker}"
+    elif where == "id":
+        event["data"]["id"] = f"user_{marker}"
+    elif where == "name":
+        event["data"]["first_name"] = f"Ada{marker}"
+    elif where == "email":
+        event["data"]["email_addresses"][0]["email_address"] = f"ada{marker}@example.com"
+    # json.dumps would escape a real surrogate too; write the escape Clerk's JSON would carry.
+    return json.dumps(event).replace(marker, "\\ud800")
+
+
+@pytest.mark.parametrize("where", ["type", "id", "name", "email"])
+async def test_lone_surrogate_in_a_signed_event_is_400(sender: Sender, store: UserStore, where: str) -> None:
+    status, payload = await sender.post(with_surrogate(where))
+    assert status == 400, payload
+    await assert_untouched(store)
+
+
+# --- defect 4: Content-Encoding that does not decode, or inflates past the cap -------------
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("gzip", b"this is not gzip at all"),
+        ("deflate", b"nor is this deflate"),
+        ("br", b"\xff\xff not brotli"),
+        ("gzip", gzip.compress(b'{"type": "user.created"}')[:12] + b"\x00" * 8),
+    ],
+    ids=["gzip", "deflate", "br", "gzip-corrupt"],
+)
+async def test_broken_compressed_body_is_400(
+    sender: Sender, store: UserStore, caplog: pytest.LogCaptureFixture, encoding: str, body: bytes
+) -> None:
+    headers = {**raw_signed_headers(body), "Content-Encoding": encoding}
+    assert await post_raw(sender, body, headers) == 400
+    await assert_untouched(store)
+    assert_no_error_logged(caplog)
+
+
+COMPRESS = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}
+
+
+@pytest.mark.parametrize("encoding", list(COMPRESS))
+async def test_compressed_body_inflating_past_the_cap_is_413(
+    sender: Sender, store: UserStore, caplog: pytest.LogCaptureFixture, encoding: str
+) -> None:
+    plain = b" " * (3 * 1024 * 1024)
+    body = COMPRESS[encoding](plain)
+    assert len(body) < 64 * 1024
+    assert await post_raw(sender, body, {**raw_signed_headers(plain), "Content-Encoding": encoding}) == 413
+    await assert_untouched(store)
+    assert_no_error_logged(caplog)
+
+
+async def test_a_valid_gzip_body_still_applies(sender: Sender, store: UserStore) -> None:
+    plain = json.dumps(fixture("user.created")).encode()
+    headers = {**raw_signed_headers(plain), "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    assert await post_raw(sender, gzip.compress(plain), headers) == 200
+    assert await store.users.count_documents({"externalId": UID}) == 1
+
+
+# --- defect 5: a signed body that is not UTF-8 is signed-but-invalid (400), unsigned is 401 ---
+async def test_signed_body_with_invalid_utf8_is_400(sender: Sender, store: UserStore) -> None:
+    body = json.dumps(fixture("user.created")).encode().replace(b"Ada", b"Ad\xff")
+    assert await post_raw(sender, body, raw_signed_headers(body)) == 400
+    await assert_untouched(store)
+
+
+async def test_invalid_utf8_with_a_wrong_signature_is_401(sender: Sender, store: UserStore) -> None:
+    body = b'{"type": "user.created", "data": {"id": "user_\xff"}}'
+    headers = raw_signed_headers(body)
+    assert await post_raw(sender, body + b" ", headers) == 401
+    headers["svix-signature"] = "v1,not-base64!!"
+    assert await post_raw(sender, body, headers) == 401
+    assert await post_raw(sender, body, raw_signed_headers(body, secret="whsec_" + "A" * 40)) == 401
+    stale = raw_signed_headers(body)
+    stale["svix-timestamp"] = str(int(time.time()) - 3600)
+    assert await post_raw(sender, body, stale) == 401
+    await assert_untouched(store)
+
+
+# --- defect 6: wrong-typed fields of the Clerk user are 400 --------------------------------
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"email_addresses": {}},
+        {"email_addresses": 0},
+        {"email_addresses": ""},
+        {"email_addresses": False},
+        {"email_addresses": [{"id": "idn_1", "email_address": 7}]},
+        {"first_name": "Ada", "username": 42},
+        {"first_name": "Ada", "username": ["ada"]},
+        {"last_name": {"x": 1}},
+        {"primary_email_address_id": 3},
+        {"locked": "no"},
+    ],
+    ids=lambda d: "-".join(f"{k}={v!r}" for k, v in d.items())[:40],
+)
+async def test_wrong_typed_user_fields_are_400(sender: Sender, store: UserStore, data: dict[str, Any]) -> None:
+    status, payload = await sender.post(fixture("user.created", **data))
+    assert status == 400, payload
+    await assert_untouched(store)
+
+
+# --- defect 7: look-alike roles grant nothing -------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("\u017fuperadmin", "staff"),  # LATIN SMALL LETTER LONG S: upper() is "S"
+        ("superadm\u0131n", "staff"),  # DOTLESS I: upper() is "I"
+        ("adm\u0131n", "staff"),
+        ("ＡＤＭＩＮ", "staff"),  # fullwidth
+        ("SuperAdmin", "superadmin"),  # ASCII case variants are the role
+        ("ADMIN", "admin"),
+    ],
+)
+async def test_look_alike_roles_are_staff(sender: Sender, store: UserStore, raw: str, stored: str) -> None:
+    status, _ = await sender.post(fixture("user.created", public_metadata={"role": raw}))
+    assert status == 200
+    doc = await store.users.find_one({"externalId": UID})
+    assert doc is not None and doc["role"] == stored
+
+
+# --- defect 8: a client that goes away mid-body ------------------------------------------
+async def test_client_disconnecting_mid_body_is_info_without_traceback(
+    sender: Sender, store: UserStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    port = int(sender.url.split(":")[2].split("/")[0])
+    path = sender.url.split(str(port), 1)[1]
+    body = json.dumps(fixture("user.created")).encode()
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        for name, value in raw_signed_headers(body).items():
+            head += f"{name}: {value}\r\n"
+        writer.write(head.encode() + b"\r\n" + body[:40])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        await writer.wait_closed()
+
+    async def gone() -> int:
+        return sum(1 for r in caplog.records if getattr(r, "fields", {}).get("outcome") == "client_gone")
+
+    deadline = time.monotonic() + 10
+    while await gone() < 3:
+        assert time.monotonic() < deadline, "the sidecar never logged the disconnects"
+        await asyncio.sleep(0.05)
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("outcome") == "client_gone"]
+    assert all(r.levelno == logging.INFO for r in lines)
+    assert_no_error_logged(caplog)
+    await assert_untouched(store)
+    # and the sidecar still serves
+    assert (await sender.post(fixture("user.created")))[0] == 200
