@@ -1,0 +1,244 @@
+"""Faults an operator meets: SIGTERM with calls in flight, the JWKS down at startup, broken startup settings.
+
+The drain test runs ``authsvc grpc`` as production does (a child process,
+real signal); the others use the in-process service or the console script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
+from service.embedded import EmbeddedMongo, EmbeddedUnavailable, free_port
+from service.settings import Settings
+from service.users import UserStore
+from tests.conftest import WEBHOOK_SECRET, subprocess_env
+from tests.grpc_helpers import FRONTEND, reason_of, serve
+from tests.issuer import LocalIssuer
+from tests.test_cli import DevProcess
+
+AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_of(channel: grpc.aio.Channel) -> int:
+    response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    return int(response.status)
+
+
+async def until_health(channel: grpc.aio.Channel, status: int, timeout_s: float = 30.0) -> None:
+    """Poll Health until it reports ``status`` (bounded; a liveness bound, not a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            if await health_of(channel) == status:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        assert loop.time() < deadline, f"health never became {status}"
+        await asyncio.sleep(0.05)
+
+
+# --- defect 9: a rolling restart drops no call ---------------------------------------
+class GrpcProcess:
+    def __init__(self, settings: Settings, issuer: LocalIssuer, **env: str) -> None:
+        self.port = free_port()
+        assert settings.mongodb_uri is not None
+        self.env = subprocess_env(
+            MONGODB_URI=settings.mongodb_uri,
+            MONGODB_DB=settings.mongodb_db,
+            CLERK_FRONTEND_API_URL=issuer.url,
+            CLERK_AUTHORIZED_PARTIES=FRONTEND,
+            AUTHSVC_GRPC_ADDR=f"127.0.0.1:{self.port}",
+            **env,
+        )
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> GrpcProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            AUTHSVC, "grpc", env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def test_sigterm_with_calls_in_flight_completes_every_call(
+    settings: Settings, store: UserStore, issuer: LocalIssuer
+) -> None:
+    async with (
+        GrpcProcess(settings, issuer, AUTHSVC_DRAIN_S="2") as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        assert server.proc is not None and server.proc.stderr is not None
+        await until_health(channel, SERVING)
+        stub = authsvc_pb2_grpc.AuthServiceStub(channel)
+        cached = issuer.mint("user_cached", azp=FRONTEND)
+        assert (await stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=cached))).subject == "user_cached"
+
+        # A new signing key, served slowly: every call below waits in the server on one JWKS fetch.
+        issuer.rotate()
+        issuer.delay_s = 1.0
+        before = issuer.fetches
+        calls = [
+            asyncio.ensure_future(
+                stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=issuer.mint(f"user_{i}", azp=FRONTEND)))
+            )
+            for i in range(32)
+        ]
+        while issuer.fetches == before:  # the server holds calls now
+            await asyncio.sleep(0.001)
+        server.proc.send_signal(signal.SIGTERM)
+
+        await until_health(channel, NOT_SERVING, timeout_s=10)
+        # Draining: still serving for AUTHSVC_DRAIN_S, for calls that arrive before the balancer notices.
+        assert (await stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=cached))).subject == "user_cached"
+
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert not failures, [(f.code(), f.details()) for f in failures if isinstance(f, grpc.aio.AioRpcError)]
+        assert sorted(r.subject for r in results if not isinstance(r, BaseException)) == sorted(
+            f"user_{i}" for i in range(32)
+        )
+
+        assert await asyncio.wait_for(server.proc.wait(), timeout=30) == 0
+        stderr = (await server.proc.stderr.read()).decode()
+        assert "Traceback" not in stderr
+        assert '"draining"' in stderr
+
+
+# --- defect 10: the JWKS down at startup, then back ------------------------------------------
+async def test_jwks_down_at_startup_is_not_serving_then_recovers_without_calls(
+    settings: Settings, store: UserStore, issuer: LocalIssuer
+) -> None:
+    issuer.down = True
+    async with serve(settings, store, issuer, health_interval_s=0.05) as h:
+        assert await health_of(h.channel) == NOT_SERVING  # no signing key at all: nothing verifies
+        first = issuer.fetches
+        # Retried in the background with a short backoff, with no call asking for it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while issuer.fetches < first + 2:
+            assert loop.time() < deadline, "a failed JWKS fetch was not retried"
+            await asyncio.sleep(0.05)
+        assert await health_of(h.channel) == NOT_SERVING
+
+        issuer.down = False
+        await until_health(h.channel, SERVING, timeout_s=30)
+        response = await h.stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=h.token("user_1")))
+        assert response.subject == "user_1"
+
+
+async def test_jwks_down_at_startup_answers_jwks_unavailable(
+    settings: Settings, store: UserStore, issuer: LocalIssuer
+) -> None:
+    issuer.down = True
+    async with serve(settings, store, issuer) as h:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await h.stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=h.token("user_1")))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert reason_of(info.value) == "JWKS_UNAVAILABLE"
+
+
+# --- defect 11: startup problems are one line, exit 2 ----------------------------------------
+async def run_cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        AUTHSVC, *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+def ec_public_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"MONGODB_URI": "mongodb://authsvc:hunter22@127.0.0.1:{port}/", "CLERK_FRONTEND_API_URL": "https://c.dev"},
+            ["cannot reach MongoDB at 127.0.0.1:{port}", "[Errno 111]"],
+        ),
+        (
+            {"MONGODB_URI": "mongodb://authsvc:hunter22@db.example:99999/", "CLERK_FRONTEND_API_URL": "https://c.dev"},
+            ["MONGODB_URI is malformed", "Port"],
+        ),
+        (
+            {"MONGODB_URI": "mongo://authsvc:hunter22@db.example/", "CLERK_FRONTEND_API_URL": "https://c.dev"},
+            ["MONGODB_URI is malformed", "scheme"],
+        ),
+        ({"CLERK_JWT_KEY": "-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----"}, ["CLERK_JWT_KEY"]),
+        ({"CLERK_JWT_KEY": "EC"}, ["CLERK_JWT_KEY", "RSA"]),
+    ],
+    ids=["unreachable", "bad-port", "bad-scheme", "garbage-pem", "ec-key"],
+)
+async def test_grpc_startup_problem_is_one_line_exit_2(
+    tmp_path: Path, env: dict[str, str], expected: list[str]
+) -> None:
+    port = str(free_port())
+    values = {k: ec_public_pem() if v == "EC" else v.replace("{port}", port) for k, v in env.items()}
+    code, err = await run_cli("grpc", env=subprocess_env(**values), cwd=tmp_path)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("authsvc: "), err
+    for part in expected:
+        assert part.replace("{port}", port) in lines[0], err
+    assert "hunter22" not in err
+    assert "Traceback" not in err
+
+
+async def test_every_missing_webhook_setting_is_reported_at_once(tmp_path: Path) -> None:
+    code, err = await run_cli("webhook", env=subprocess_env(AUTHSVC_ENV="production"), cwd=tmp_path)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert any("CLERK_WEBHOOK_SECRET" in line for line in lines)
+    assert any("MONGODB_URI" in line for line in lines)
+
+
+async def test_second_embedded_database_on_one_directory_is_refused(tmp_path: Path) -> None:
+    first = EmbeddedMongo(tmp_path / "mongo")
+    await first.start()
+    try:
+        with pytest.raises(EmbeddedUnavailable, match="another process holds"):
+            await EmbeddedMongo(tmp_path / "mongo").start()
+    finally:
+        first.stop()
+    again = EmbeddedMongo(tmp_path / "mongo")  # released on stop
+    await again.start()
+    again.stop()
+
+
+@pytest.fixture
+async def running_dev(tmp_path: Path) -> AsyncIterator[DevProcess]:
+    process = DevProcess(tmp_path)
+    await asyncio.to_thread(process.start)
+    yield process
+    if process.proc is not None and process.proc.poll() is None:
+        process.stop()
+
+
+async def test_second_authsvc_dev_on_one_data_directory_says_so(running_dev: DevProcess, tmp_path: Path) -> None:
+    second = DevProcess(tmp_path)
+    code, err = await run_cli("dev", env=second.env | {"CLERK_WEBHOOK_SECRET": WEBHOOK_SECRET}, cwd=tmp_path)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "another process holds the embedded database" in lines[0], err
