@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CODE := authsvc service webhook tests bench clients/python/authsvc_client
 
-.PHONY: install run test check lint proto bench clean
+.PHONY: install run test fuzz check lint proto bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The property tests with the large hypothesis profile (see tests/conftest.py).
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 check: install
 	$(BIN)/ruff check $(CODE)

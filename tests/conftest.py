@@ -13,12 +13,20 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings as hypothesis_settings
 
 from service.database import Database, durable_write_concern, make_client
 from service.embedded import EmbeddedMongo
 from service.settings import Settings
 from service.users import UserStore
 from tests.issuer import LocalIssuer
+
+# Property tests: a quick profile for `make test`, ten times more (and more) for `make fuzz`.
+# Each test reuses its function-scoped server across examples, on purpose.
+_PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+hypothesis_settings.register_profile("default", max_examples=60, **_PROFILE)  # type: ignore[arg-type]
+hypothesis_settings.register_profile("fuzz", max_examples=1000, **_PROFILE)  # type: ignore[arg-type]
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"authsvc-test-secret-0123456789ab").decode()
 
