@@ -23,7 +23,7 @@ test: install
 
 # The property tests with the large hypothesis profile (see tests/conftest.py).
 fuzz: install
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q --timeout=1800 tests/test_fuzz.py
 
 check: install
 	$(BIN)/ruff check $(CODE)

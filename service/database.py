@@ -13,8 +13,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from pymongo import AsyncMongoClient, WriteConcern
-from pymongo.errors import ConfigurationError, OperationFailure, ServerSelectionTimeoutError
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConfigurationError, OperationFailure, ServerSelectionTimeoutError
 
 from service.embedded import EmbeddedMongo
 from service.logs import fields

@@ -320,7 +320,9 @@ class TokenVerifier:
         within about a second of the endpoint's return, not at the next refresh.
         """
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(multiplier=self._retry_initial, max=self._retry_max, jitter=self._retry_initial),
+            wait=wait_exponential_jitter(
+                multiplier=self._retry_initial, max=self._retry_max, jitter=self._retry_initial
+            ),
             retry=retry_if_result(lambda ok: not ok),
         )
         ok: bool = await retrying(self._refresh_once)
