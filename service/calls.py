@@ -62,6 +62,8 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self) -> None:
         self.active = 0
         self.last_started = time.monotonic()
+        # method -> (the service's handler, our wrapping of it): wrapped once, not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def settled(self, quiet_s: float, timeout_s: float) -> bool:
         """Wait until no call has reached a handler for ``quiet_s`` (at most ``timeout_s``).
@@ -89,6 +91,14 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.request_deserializer is None:
             return handler
         method: str = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         changes: dict[str, Any] = {"request_deserializer": _lenient(handler.request_deserializer)}
         if handler.unary_unary is not None:
             changes["unary_unary"] = self._unary_unary(method, handler.unary_unary)

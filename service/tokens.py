@@ -1,8 +1,11 @@
 """Session token verification: a JWKS cache and pyjwt decode pinned to RS256.
 
 The one implementation of the token rules of the design: RS256 only, ``exp``,
-``iat`` and ``sub`` required, ``exp``/``nbf``/``iat`` with leeway, ``iss``
-equal to the issuer, ``azp`` in the allowed parties, ``aud`` when set. Every
+``iat`` and ``sub`` required, ``exp``/``nbf``/``iat`` JSON numbers checked with
+leeway, no lone surrogate in any claim, ``iss`` equal to the issuer, ``azp``
+in the allowed parties, ``aud`` when set. A failed JWKS fetch is retried in
+the background with a short backoff; :attr:`TokenVerifier.ready` says whether
+any signing key is available (health needs one). Every
 error raised is a :class:`service.errors.TokenError` or
 :class:`service.errors.JwksUnavailable` whose message is safe to send.
 """
