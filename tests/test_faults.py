@@ -82,7 +82,7 @@ async def test_sigterm_with_calls_in_flight_completes_every_call(
     settings: Settings, store: UserStore, issuer: LocalIssuer
 ) -> None:
     async with (
-        GrpcProcess(settings, issuer, AUTHSVC_DRAIN_S="2") as server,
+        GrpcProcess(settings, issuer, AUTHSVC_DRAIN_S="1.5") as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         assert server.proc is not None and server.proc.stderr is not None
@@ -91,9 +91,10 @@ async def test_sigterm_with_calls_in_flight_completes_every_call(
         cached = issuer.mint("user_cached", azp=FRONTEND)
         assert (await stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=cached))).subject == "user_cached"
 
-        # A new signing key, served slowly: every call below waits in the server on one JWKS fetch.
+        # A new signing key, served slowly: every call below waits in the server on one JWKS fetch,
+        # longer than the drain window, so they are still in their handlers when the server stops.
         issuer.rotate()
-        issuer.delay_s = 1.0
+        issuer.delay_s = 2.5  # under the verifier's 3 s fetch timeout
         before = issuer.fetches
         calls = [
             asyncio.ensure_future(
