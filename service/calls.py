@@ -27,6 +27,8 @@ from service.logs import fields
 
 log = logging.getLogger(__name__)
 
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
 
 class _Undecodable:
     """Stands in for a request message whose bytes did not decode."""
@@ -66,7 +68,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def settled(self, quiet_s: float, timeout_s: float) -> bool:
-        """Wait until no call has reached a handler for ``quiet_s`` (at most ``timeout_s``).
+        """Wait until no call (health probes aside) has reached a handler for ``quiet_s`` (at most ``timeout_s``).
 
         grpc.aio takes accepted calls from the core one at a time; those not yet
         taken are cancelled by ``server.stop()``. A quiet spell means there are none left.
@@ -86,7 +88,8 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        self.last_started = time.monotonic()
+        if not details.method.startswith(HEALTH_PREFIX):  # probes go on during a drain; they may be cut
+            self.last_started = time.monotonic()
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
