@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
+import hmac
 import io
 import json
 import sys
+import time
+import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -15,8 +20,17 @@ import aiohttp
 
 from authsvc.dev.events import signed_headers
 from authsvc.dev.procs import ServerProcess, http_ok
+from tests.conftest import WEBHOOK_SECRET
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clerk"
+
+
+def raw_signed_headers(body: bytes, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
+    """Svix headers signing the raw bytes of ``body`` (Svix's scheme, computed here independently)."""
+    msg_id, stamp = f"msg_{uuid.uuid4().hex}", str(int(time.time()))
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {"svix-id": msg_id, "svix-timestamp": stamp, "svix-signature": "v1," + base64.b64encode(mac).decode()}
 
 
 def fixture(name: str, **data: Any) -> dict[str, Any]:

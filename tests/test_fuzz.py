@@ -29,8 +29,7 @@ from service.users import UserStore
 from tests.conftest import WEBHOOK_SECRET
 from tests.grpc_helpers import FRONTEND, Harness, error_info, serve
 from tests.issuer import LocalIssuer
-from tests.sidecar import Sender, fixture
-from tests.test_hostile_webhook import raw_signed_headers
+from tests.sidecar import Sender, fixture, raw_signed_headers
 from webhook.main import sidecar
 
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}

@@ -7,14 +7,10 @@ event is a 400 that changes nothing (so Svix does not retry a poison message).
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
-import hashlib
-import hmac
 import json
 import logging
 import time
-import uuid
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,7 +22,7 @@ import pytest
 from service.settings import Settings
 from service.users import UserStore
 from tests.conftest import WEBHOOK_SECRET
-from tests.sidecar import Sender, fixture
+from tests.sidecar import Sender, fixture, raw_signed_headers
 from webhook.main import sidecar
 
 UID = "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"
@@ -36,14 +32,6 @@ UID = "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"
 async def sender(settings: Settings, store: UserStore) -> AsyncIterator[Sender]:
     async with sidecar(settings, store) as port, aiohttp.ClientSession() as session:
         yield Sender(session, f"http://127.0.0.1:{port}{settings.webhook_path}", WEBHOOK_SECRET)
-
-
-def raw_signed_headers(body: bytes, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
-    """Svix headers signing the raw bytes of ``body`` (Svix's scheme, computed here independently)."""
-    msg_id, stamp = f"msg_{uuid.uuid4().hex}", str(int(time.time()))
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
-    return {"svix-id": msg_id, "svix-timestamp": stamp, "svix-signature": "v1," + base64.b64encode(mac).decode()}
 
 
 async def assert_untouched(store: UserStore) -> None:
