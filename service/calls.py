@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -26,6 +26,11 @@ from service.errors import DOMAIN, InvalidArgument, status_of
 from service.logs import fields
 
 log = logging.getLogger(__name__)
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # the class is not generic at runtime
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -49,7 +54,7 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return wrapped
 
 
-async def _refuse(context: grpc.aio.ServicerContext, method: str, bad: _Undecodable) -> NoReturn:
+async def _refuse(context: Context, method: str, bad: _Undecodable) -> NoReturn:
     error = InvalidArgument("request message does not decode")
     log.info("rpc", extra=fields(method=method, code="INVALID_ARGUMENT", reason=error.reason, error=bad.error))
     status = status_pb2.Status(code=status_of(error)[0].value[0], message=str(error))
@@ -58,14 +63,14 @@ async def _refuse(context: grpc.aio.ServicerContext, method: str, bad: _Undecoda
     raise AssertionError("abort_with_status returns only by raising")
 
 
-class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CallGuard(grpc.aio.ServerInterceptor):
     """Answers undecodable requests ``INVALID_ARGUMENT``; counts calls for the drain."""
 
     def __init__(self) -> None:
         self.active = 0
         self.last_started = time.monotonic()
         # method -> (the service's handler, our wrapping of it): wrapped once, not per call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def settled(self, quiet_s: float, timeout_s: float) -> bool:
         """Wait until no call (health probes aside) has reached a handler for ``quiet_s`` (at most ``timeout_s``).
@@ -85,15 +90,15 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        if not details.method.startswith(HEALTH_PREFIX):  # probes go on during a drain; they may be cut
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
+        method = handler_call_details.method
+        if not method.startswith(HEALTH_PREFIX):  # probes go on during a drain; they may be cut
             self.last_started = time.monotonic()
-        handler = await continuation(details)
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        method: str = details.method
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -101,20 +106,29 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        changes: dict[str, Any] = {"request_deserializer": _lenient(handler.request_deserializer)}
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        assert handler.request_deserializer is not None
+        lenient = _lenient(handler.request_deserializer)
+        serializer = handler.response_serializer
         if handler.unary_unary is not None:
-            changes["unary_unary"] = self._unary_unary(method, handler.unary_unary)
-        elif handler.unary_stream is not None:
-            changes["unary_stream"] = self._unary_stream(method, handler.unary_stream)
-        elif handler.stream_unary is not None:
-            changes["stream_unary"] = self._stream_unary(method, handler.stream_unary)
-        elif handler.stream_stream is not None:
-            changes["stream_stream"] = self._stream_stream(method, handler.stream_stream)
-        return handler._replace(**changes)
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary_unary(method, handler.unary_unary), lenient, serializer
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary_stream(method, handler.unary_stream), lenient, serializer
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._stream_unary(method, handler.stream_unary), lenient, serializer
+            )
+        if handler.stream_stream is not None:
+            behavior = self._stream_stream(method, handler.stream_stream)
+            return grpc.stream_stream_rpc_method_handler(behavior, lenient, serializer)
+        return handler
 
     def _unary_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def behavior(request: Any, context: Context) -> Any:
             if isinstance(request, _Undecodable):
                 await _refuse(context, method, request)
             self.active += 1
@@ -127,7 +141,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return behavior
 
     def _unary_stream(self, method: str, inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
             if isinstance(request, _Undecodable):
                 await _refuse(context, method, request)
             self.active += 1
@@ -143,7 +157,7 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return behavior
 
-    def _requests(self, method: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+    def _requests(self, method: str, requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
         async def checked() -> AsyncIterator[Any]:
             async for request in requests:
                 if isinstance(request, _Undecodable):
@@ -153,14 +167,14 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return checked()
 
     def _stream_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async def behavior(requests: AsyncIterator[Any], context: Context) -> Any:
             result = inner(self._requests(method, requests, context), context)
             return await result if inspect.isawaitable(result) else result
 
         return behavior
 
     def _stream_stream(self, method: str, inner: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-        async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def behavior(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
             result = inner(self._requests(method, requests, context), context)
             if inspect.isasyncgen(result):
                 async for response in result:

@@ -7,25 +7,24 @@ real signal); the others use the in-process service or the console script.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from authsvc.dev.procs import ServerProcess, child_env, free_port, grpc_serving, health_check, printed, run
 from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
-from service.embedded import EmbeddedMongo, EmbeddedUnavailable, free_port
+from service.embedded import EmbeddedMongo, EmbeddedUnavailable
 from service.settings import Settings
 from service.users import UserStore
-from tests.conftest import WEBHOOK_SECRET, subprocess_env
 from tests.grpc_helpers import FRONTEND, reason_of, serve
 from tests.issuer import LocalIssuer
-from tests.test_cli import DevProcess
 
 AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -33,7 +32,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def health_of(channel: grpc.aio.Channel) -> int:
-    response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    response = await health_check(channel)(health_pb2.HealthCheckRequest(service=""), timeout=5)
     return int(response.status)
 
 
@@ -52,41 +51,34 @@ async def until_health(channel: grpc.aio.Channel, status: int, timeout_s: float 
 
 
 # --- defect 9: a rolling restart drops no call ---------------------------------------
-class GrpcProcess:
-    def __init__(self, settings: Settings, issuer: LocalIssuer, **env: str) -> None:
-        self.port = free_port()
-        assert settings.mongodb_uri is not None
-        self.env = subprocess_env(
-            MONGODB_URI=settings.mongodb_uri,
-            MONGODB_DB=settings.mongodb_db,
-            CLERK_FRONTEND_API_URL=issuer.url,
-            CLERK_AUTHORIZED_PARTIES=FRONTEND,
-            AUTHSVC_GRPC_ADDR=f"127.0.0.1:{self.port}",
-            **env,
-        )
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> GrpcProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            AUTHSVC, "grpc", env=self.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+def grpc_process(settings: Settings, issuer: LocalIssuer, logfile: Path, **env: str) -> tuple[ServerProcess, int]:
+    """``authsvc grpc`` as production runs it, over the test's database and issuer."""
+    port = free_port()
+    assert settings.mongodb_uri is not None
+    child = child_env(
+        MONGODB_URI=settings.mongodb_uri,
+        MONGODB_DB=settings.mongodb_db,
+        CLERK_FRONTEND_API_URL=issuer.url,
+        CLERK_AUTHORIZED_PARTIES=FRONTEND,
+        AUTHSVC_GRPC_ADDR=f"127.0.0.1:{port}",
+        **env,
+    )
+    return ServerProcess("authsvc grpc", [AUTHSVC, "grpc"], env=child, logfile=logfile), port
 
 
 async def test_sigterm_with_calls_in_flight_completes_every_call(
-    settings: Settings, store: UserStore, issuer: LocalIssuer
+    settings: Settings, store: UserStore, issuer: LocalIssuer, tmp_path: Path
 ) -> None:
-    async with (
-        GrpcProcess(settings, issuer, AUTHSVC_DRAIN_S="1.5") as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        assert server.proc is not None and server.proc.stderr is not None
-        await until_health(channel, SERVING)
+    server, port = grpc_process(settings, issuer, tmp_path / "grpc.log", AUTHSVC_DRAIN_S="1.5")
+    await server.start_ready(grpc_serving(f"127.0.0.1:{port}"))
+    try:
+        await drain_with_calls_in_flight(server, port, issuer)
+    finally:
+        server.stop()
+
+
+async def drain_with_calls_in_flight(server: ServerProcess, port: int, issuer: LocalIssuer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = authsvc_pb2_grpc.AuthServiceStub(channel)
         cached = issuer.mint("user_cached", azp=FRONTEND)
         assert (await stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=cached))).subject == "user_cached"
@@ -104,7 +96,7 @@ async def test_sigterm_with_calls_in_flight_completes_every_call(
         ]
         while issuer.fetches == before:  # the server holds calls now
             await asyncio.sleep(0.001)
-        server.proc.send_signal(signal.SIGTERM)
+        os.kill(server.pid, signal.SIGTERM)
 
         await until_health(channel, NOT_SERVING, timeout_s=10)
         # Draining: still serving for AUTHSVC_DRAIN_S, for calls that arrive before the balancer notices.
@@ -117,10 +109,11 @@ async def test_sigterm_with_calls_in_flight_completes_every_call(
             f"user_{i}" for i in range(32)
         )
 
-        assert await asyncio.wait_for(server.proc.wait(), timeout=30) == 0
-        stderr = (await server.proc.stderr.read()).decode()
-        assert "Traceback" not in stderr
-        assert '"draining"' in stderr
+        assert server.proc is not None
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0
+        output = server.output()
+        assert "Traceback" not in output
+        assert '"draining"' in output
 
 
 # --- defect 10: the JWKS down at startup, then back ------------------------------------------
@@ -158,12 +151,8 @@ async def test_jwks_down_at_startup_answers_jwks_unavailable(
 
 # --- defect 11: startup problems are one line, exit 2 ----------------------------------------
 async def run_cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        AUTHSVC, *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
+    code, _, err = await run(AUTHSVC, *args, env=env, cwd=cwd)
+    return code, err
 
 
 def ec_public_pem() -> str:
@@ -196,7 +185,7 @@ async def test_grpc_startup_problem_is_one_line_exit_2(
 ) -> None:
     port = str(free_port())
     values = {k: ec_public_pem() if v == "EC" else v.replace("{port}", port) for k, v in env.items()}
-    code, err = await run_cli("grpc", env=subprocess_env(**values), cwd=tmp_path)
+    code, err = await run_cli("grpc", env=child_env(**values), cwd=tmp_path)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("authsvc: "), err
@@ -207,7 +196,7 @@ async def test_grpc_startup_problem_is_one_line_exit_2(
 
 
 async def test_every_missing_webhook_setting_is_reported_at_once(tmp_path: Path) -> None:
-    code, err = await run_cli("webhook", env=subprocess_env(AUTHSVC_ENV="production"), cwd=tmp_path)
+    code, err = await run_cli("webhook", env=child_env(AUTHSVC_ENV="production"), cwd=tmp_path)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 2, err
@@ -228,18 +217,22 @@ async def test_second_embedded_database_on_one_directory_is_refused(tmp_path: Pa
     again.stop()
 
 
-@pytest.fixture
-async def running_dev(tmp_path: Path) -> AsyncIterator[DevProcess]:
-    process = DevProcess(tmp_path)
-    await asyncio.to_thread(process.start)
-    yield process
-    if process.proc is not None and process.proc.poll() is None:
-        process.stop()
+def dev_process(cwd: Path, name: str) -> ServerProcess:
+    env = child_env(
+        AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{free_port()}",
+        AUTHSVC_GRPC_ADDR=f"127.0.0.1:{free_port()}",
+    )
+    return ServerProcess(name, [AUTHSVC, "dev"], env=env, logfile=cwd / f"{name}.log", cwd=cwd)
 
 
-async def test_second_authsvc_dev_on_one_data_directory_says_so(running_dev: DevProcess, tmp_path: Path) -> None:
-    second = DevProcess(tmp_path)
-    code, err = await run_cli("dev", env=second.env | {"CLERK_WEBHOOK_SECRET": WEBHOOK_SECRET}, cwd=tmp_path)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "another process holds the embedded database" in lines[0], err
+async def test_second_authsvc_dev_on_one_data_directory_says_so(tmp_path: Path) -> None:
+    first = dev_process(tmp_path, "dev-1")
+    await first.start_ready(printed("Ctrl-C stops it"), timeout_s=90)
+    try:
+        second = dev_process(tmp_path, "dev-2")
+        code, err = await run_cli("dev", env=second.env, cwd=tmp_path)
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "another process holds the embedded database" in lines[0], err
+    finally:
+        first.stop()

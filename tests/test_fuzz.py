@@ -26,6 +26,7 @@ from authsvc.dev.issuer import DevIssuer
 from protos.authsvc.v1 import authsvc_pb2
 from service.settings import Settings
 from service.users import UserStore
+from tests import raw_grpc
 from tests.conftest import WEBHOOK_SECRET
 from tests.grpc_helpers import FRONTEND, Harness, error_info, serve
 from tests.issuer import LocalIssuer
@@ -254,7 +255,7 @@ UNARY = [
 @given(method=st.sampled_from(UNARY), payload=st.binary(max_size=256))
 async def test_random_request_bytes_never_unknown_or_internal(harness: Harness, method: str, payload: bytes) -> None:
     try:
-        await harness.channel.unary_unary(method)(payload, metadata=harness.bearer("user_fuzz"), timeout=10)
+        await raw_grpc.unary(harness.channel, method)(payload, metadata=harness.bearer("user_fuzz"), timeout=10)
     except grpc.aio.AioRpcError as err:
         assert err.code() not in NEVER, (method, payload, err.details())
         if err.code() is grpc.StatusCode.INVALID_ARGUMENT:
@@ -268,13 +269,13 @@ async def test_random_streaming_request_bytes_never_unknown_or_internal(harness:
     async def requests() -> AsyncIterator[bytes]:
         yield payload
 
-    reflect = harness.channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    reflect = raw_grpc.stream_stream(harness.channel, raw_grpc.REFLECTION)
     try:
         async for _ in reflect(requests(), timeout=10):
             pass
     except grpc.aio.AioRpcError as err:
         assert err.code() not in NEVER, (payload, err.details())
-    watch = harness.channel.unary_stream("/grpc.health.v1.Health/Watch")
+    watch = raw_grpc.unary_stream(harness.channel, raw_grpc.HEALTH_WATCH)
     try:
         async for _ in watch(payload, timeout=0.5):
             break  # a decodable request is a watch: its first answer is enough

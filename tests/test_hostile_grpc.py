@@ -13,12 +13,14 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from authsvc.dev.procs import health_check
 from protos.authsvc.v1 import authsvc_pb2
 from service.roles import Role
 from service.settings import Settings
 from service.users import UserStore
+from tests import raw_grpc
 from tests.grpc_helpers import Harness, error_info, reason_of, seed, serve
 from tests.issuer import LocalIssuer
 
@@ -124,7 +126,7 @@ def assert_no_error_logged(caplog: pytest.LogCaptureFixture) -> None:
 async def test_undecodable_unary_request_is_invalid_argument(
     harness: Harness, caplog: pytest.LogCaptureFixture, method: str, payload: bytes
 ) -> None:
-    call = harness.channel.unary_unary(method)
+    call = raw_grpc.unary(harness.channel, method)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(payload, metadata=harness.bearer(ADMIN))
     assert_invalid_argument(info.value)
@@ -135,13 +137,13 @@ async def test_undecodable_unary_request_is_invalid_argument(
 async def test_undecodable_streaming_requests_are_invalid_argument(
     harness: Harness, caplog: pytest.LogCaptureFixture, payload: bytes
 ) -> None:
-    watch = harness.channel.unary_stream("/grpc.health.v1.Health/Watch")
+    watch = raw_grpc.unary_stream(harness.channel, raw_grpc.HEALTH_WATCH)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in watch(payload):
             pass
     assert_invalid_argument(info.value)
 
-    reflect = harness.channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    reflect = raw_grpc.stream_stream(harness.channel, raw_grpc.REFLECTION)
 
     async def requests() -> AsyncIterator[bytes]:
         yield payload
@@ -156,9 +158,8 @@ async def test_undecodable_streaming_requests_are_invalid_argument(
 async def test_the_server_still_answers_after_undecodable_requests(harness: Harness) -> None:
     for _ in range(3):
         with pytest.raises(grpc.aio.AioRpcError):
-            await harness.channel.unary_unary(UNARY_METHODS[0])(BAD_UTF8)
+            await raw_grpc.unary(harness.channel, UNARY_METHODS[0])(BAD_UTF8)
     response = await harness.stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=harness.token(ADMIN)))
     assert response.subject == ADMIN
-    health = health_pb2_grpc.HealthStub(harness.channel)
-    status = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    status = await health_check(harness.channel)(health_pb2.HealthCheckRequest(service=""))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
