@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2
 
 from authsvc.dev.procs import ServerProcess, child_env, free_port, grpc_serving, health_check, printed, run
-from protos.authsvc.v1 import authsvc_pb2, authsvc_pb2_grpc
+from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service.embedded import EmbeddedMongo, EmbeddedUnavailable
 from service.settings import Settings
 from service.users import UserStore

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from authsvc.dev.issuer import DevIssuer
-from protos.authsvc.v1 import authsvc_pb2
+from authsvc_client.v1 import authsvc_pb2
 from service.settings import Settings
 from service.users import UserStore
 from tests import raw_grpc
@@ -158,7 +158,7 @@ async def test_unsigned_events_change_nothing(
 # --- tokens ------------------------------------------------------------------------------
 @pytest.fixture
 async def harness(settings: Settings, store: UserStore, issuer: LocalIssuer) -> AsyncIterator[Harness]:
-    async with serve(settings, store, issuer) as h:
+    async with serve(settings, store, issuer, ext_authz=True) as h:  # Envoy's Check too: every RPC
         yield h
 
 
@@ -249,6 +249,7 @@ UNARY = [
     "/authsvc.v1.AuthService/GetUser",
     "/authsvc.v1.AuthService/SetRole",
     "/grpc.health.v1.Health/Check",
+    "/envoy.service.auth.v3.Authorization/Check",
 ]
 
 

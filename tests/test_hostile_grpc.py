@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from authsvc.dev.procs import health_check
-from protos.authsvc.v1 import authsvc_pb2
+from authsvc_client.v1 import authsvc_pb2
 from service.roles import Role
 from service.settings import Settings
 from service.users import UserStore
@@ -29,7 +29,7 @@ ADMIN = "user_root"
 
 @pytest.fixture
 async def harness(settings: Settings, store: UserStore, issuer: LocalIssuer) -> AsyncIterator[Harness]:
-    async with serve(settings, store, issuer) as h:
+    async with serve(settings, store, issuer, ext_authz=True) as h:  # Envoy's Check too: every RPC
         await seed(store, ADMIN, Role.SUPERADMIN)
         await seed(store, "user_target", Role.STAFF)
         yield h
@@ -107,6 +107,7 @@ UNARY_METHODS = [
     "/authsvc.v1.AuthService/GetUser",
     "/authsvc.v1.AuthService/SetRole",
     "/grpc.health.v1.Health/Check",
+    "/envoy.service.auth.v3.Authorization/Check",
 ]
 
 
