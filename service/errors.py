@@ -128,6 +128,18 @@ class TargetInactive(FailedPrecondition):
     reason = "USER_INACTIVE"
 
 
+class ClerkUserNotFound(FailedPrecondition):
+    """Clerk has no such user (404), though MongoDB has it: deleted in Clerk, its webhook not yet applied."""
+
+    reason = "CLERK_USER_NOT_FOUND"
+
+
+class ClerkRejected(FailedPrecondition):
+    """Clerk refused the request itself (400, 422 or another 4xx): retrying it would not help."""
+
+    reason = "CLERK_REJECTED"
+
+
 # --- dependencies ------------------------------------------------------------
 class Unavailable(AuthError):
     reason = "UNAVAILABLE"
@@ -142,7 +154,15 @@ class JwksUnavailable(Unavailable):
 
 
 class ClerkUnavailable(Unavailable):
+    """Clerk did not answer, or kept answering 5xx or 429, within the retry policy."""
+
     reason = "CLERK_UNAVAILABLE"
+
+
+class ClerkKeyRefused(ClerkUnavailable):
+    """Clerk refused ``CLERK_SECRET_KEY`` (401/403): an operator must fix the key."""
+
+    reason = "CLERK_KEY_REFUSED"
 
 
 STATUS: dict[type[AuthError], tuple[grpc.StatusCode, HTTPStatus]] = {

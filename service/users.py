@@ -37,6 +37,14 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"
     STALE = "stale"
     IGNORED = "ignored"
+    # What :meth:`UserStore.upsert_from_clerk` did in detail (the webhook answers them all ``applied``).
+    CREATED = "created"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+
+    @property
+    def applied(self) -> bool:
+        return self in (Outcome.APPLIED, Outcome.CREATED, Outcome.UPDATED, Outcome.UNCHANGED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +106,34 @@ async def _translate() -> AsyncIterator[None]:
         raise DatabaseUnavailable("database unavailable") from exc
 
 
+MIRRORED = ("name", "email", "role", "isActive", "clerkUpdatedAt", "deletedAt")
+_READ: Any = object()  # upsert_from_clerk(stored=...) not given: read it
+
+
+def compare(profile: UserProfile, stored: Document | None) -> Outcome:
+    """What writing ``profile`` over ``stored`` (its :data:`MIRRORED` fields) would do, without writing.
+
+    ``created`` (no document), ``stale`` (a tombstone or deleted user, or
+    ``clerkUpdatedAt`` newer than the profile's), ``unchanged`` (every mirrored
+    field equal, ``clerkUpdatedAt`` too), else ``updated``.
+    """
+    if stored is None:
+        return Outcome.CREATED
+    if "deletedAt" in stored:
+        return Outcome.STALE
+    held = stored.get("clerkUpdatedAt")
+    if held is not None and held > profile.clerk_updated_at:
+        return Outcome.STALE
+    same = (
+        held == profile.clerk_updated_at
+        and stored.get("name") == profile.name
+        and stored.get("email") == profile.email
+        and stored.get("role") == profile.role.wire
+        and stored.get("isActive") == profile.is_active
+    )
+    return Outcome.UNCHANGED if same else Outcome.UPDATED
+
+
 def _live(external_id: str) -> Document:
     """Filter: this user, not deleted (a delete is terminal)."""
     return {"externalId": external_id, "deletedAt": {"$exists": False}}
@@ -118,6 +154,7 @@ class UserStore:
         self.users: AsyncCollection[Document] = db.get_collection("users", write_concern=write_concern)
         self.events: AsyncCollection[Document] = db.get_collection("webhook_events", write_concern=write_concern)
         self.role_changes: AsyncCollection[Document] = db.get_collection("role_changes", write_concern=write_concern)
+        self.leases: AsyncCollection[Document] = db.get_collection("leases", write_concern=write_concern)
 
     async def ensure_indexes(self) -> None:
         async with _translate():
@@ -155,20 +192,42 @@ class UserStore:
         return True
 
     # --- Clerk events --------------------------------------------------------
-    async def upsert_from_clerk(self, profile: UserProfile, delivery_id: str | None = None) -> Outcome:
-        """Apply a ``user.created``/``user.updated`` unless it is older than what is stored.
+    async def upsert_from_clerk(
+        self,
+        profile: UserProfile,
+        delivery_id: str | None = None,
+        *,
+        via: str = "webhook",
+        stored: Document | None = _READ,
+    ) -> Outcome:
+        """Apply a Clerk user object unless it is older than what is stored: the ONE conditional user write.
 
-        The rule is one conditional write that matches a live user whose
-        ``clerkUpdatedAt`` is not newer and that this delivery (``delivery_id``,
-        the svix-id, kept as ``lastSvixId``) has not written already, so a
-        redelivery changes nothing. The common case, the role unchanged, is a
-        plain ``update_one``; otherwise a conditional upsert that returns the
-        previous role for the audit. A duplicate-key error from it means the user
-        exists but did not match (newer, deleted, or already written by this
-        delivery) or another writer inserted first: retry once as a plain
+        The webhook (``delivery_id`` = the svix-id), ``authsvc sync`` and
+        just-in-time sync all write through here; a role change is audited
+        with ``via``. The rule is one conditional write that matches a live
+        user whose ``clerkUpdatedAt`` is not newer and that this delivery
+        (kept as ``lastSvixId``) has not written already, so a redelivery
+        changes nothing. The common case, the role unchanged, is a plain
+        ``update_one``; otherwise a conditional upsert that returns the
+        previous role for the audit. A duplicate-key error from it means the
+        user exists but did not match (newer, deleted, or already written by
+        this delivery) or another writer inserted first: retry once as a plain
         conditional update; if that matches nothing, :meth:`_classify` tells
         ``stale`` from "this delivery already applied it".
+
+        Without ``delivery_id`` (sync, JIT) the stored state is compared first
+        (``stored``, the :data:`MIRRORED` fields from :meth:`mirrored`, or read
+        here) and an ``unchanged`` or ``stale`` user costs no write. Returns
+        ``created``, ``updated``, ``unchanged`` or ``stale``.
         """
+        known_role: str | None = None
+        if delivery_id is None:
+            if stored is _READ:
+                stored = (await self.mirrored([profile.external_id])).get(profile.external_id)
+            planned = compare(profile, stored)
+            if planned in (Outcome.UNCHANGED, Outcome.STALE):
+                return planned
+            known_role = None if stored is None else stored.get("role")
         now = _now()
         # "$not $gt"/"$ne" match a missing field too, without an $or: SecantusDB
         # plans an $or as a collection scan, and this stays an index lookup.
@@ -190,9 +249,11 @@ class UserStore:
         update = {"$set": fields, "$setOnInsert": {"createdAt": now}}
         projection = {"role": 1}
         async with _translate():
-            same_role = await self.users.update_one({**query, "role": profile.role.wire}, {"$set": fields})
-            if same_role.matched_count:
-                return Outcome.APPLIED
+            # Skipped when the comparison above saw no document or another role: it could not match.
+            if delivery_id is not None or known_role == profile.role.wire:
+                same_role = await self.users.update_one({**query, "role": profile.role.wire}, {"$set": fields})
+                if same_role.matched_count:
+                    return Outcome.UPDATED
             try:
                 before = await self.users.find_one_and_update(
                     query, update, projection=projection, upsert=True, return_document=ReturnDocument.BEFORE
@@ -206,8 +267,8 @@ class UserStore:
                     return await self._classify(profile.external_id, delivery_id)
                 inserted = False
         if not inserted and before is not None and before.get("role") != profile.role.wire:
-            await self._audit(profile.external_id, before.get("role"), profile.role.wire, by="clerk", via="webhook")
-        return Outcome.APPLIED
+            await self._audit(profile.external_id, before.get("role"), profile.role.wire, by="clerk", via=via)
+        return Outcome.CREATED if inserted else Outcome.UPDATED
 
     async def _classify(self, external_id: str, delivery_id: str | None) -> Outcome:
         """Why an upsert matched nothing: this delivery already wrote it (a retry), or the event is stale."""
@@ -260,6 +321,19 @@ class UserStore:
             return None
         record = UserRecord.from_document(doc)
         return None if record.erased and not include_tombstones else record
+
+    async def mirrored(self, external_ids: list[str]) -> dict[str, Document]:
+        """The :data:`MIRRORED` fields of these users (tombstones too), by external id: one read for a page."""
+        projection = {"_id": 0, "externalId": 1, **dict.fromkeys(MIRRORED, 1)}
+        async with _translate():
+            cursor = self.users.find({"externalId": {"$in": external_ids}}, projection)
+            return {doc["externalId"]: doc async for doc in cursor}
+
+    async def live_ids(self) -> set[str]:
+        """External ids of every user not deleted (what ``sync --prune`` may prune)."""
+        async with _translate():
+            cursor = self.users.find({"deletedAt": {"$exists": False}}, {"_id": 0, "externalId": 1})
+            return {doc["externalId"] async for doc in cursor}
 
     # --- roles -----------------------------------------------------------------
     async def set_role(self, external_id: str, role: Role, *, by: str, via: str = "grpc") -> UserRecord | None:

@@ -20,12 +20,12 @@ def profile(
 
 
 async def test_upsert_creates_then_updates(store: UserStore) -> None:
-    assert await store.upsert_from_clerk(profile()) is Outcome.APPLIED
+    assert await store.upsert_from_clerk(profile()) is Outcome.CREATED
     first = await store.get("user_1")
     assert first is not None and first.name == "Ada Lovelace" and first.role is Role.STAFF
     assert (
         await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1), name="Augusta", role=Role.ADMIN))
-        is Outcome.APPLIED
+        is Outcome.UPDATED
     )
     second = await store.get("user_1")
     assert second is not None and second.name == "Augusta" and second.role is Role.ADMIN
@@ -42,14 +42,30 @@ async def test_older_update_never_overwrites_newer(store: UserStore) -> None:
 
 async def test_equal_updated_at_applies_again(store: UserStore) -> None:
     await store.upsert_from_clerk(profile(name="Same"))
-    assert await store.upsert_from_clerk(profile(name="Same")) is Outcome.APPLIED
+    assert await store.upsert_from_clerk(profile(name="Other")) is Outcome.UPDATED
+    user = await store.get("user_1")
+    assert user is not None and user.name == "Other"
+
+
+async def test_a_user_already_mirrored_is_unchanged_and_not_written(store: UserStore) -> None:
+    await store.upsert_from_clerk(profile(name="Same"))
+    before = await store.users.find_one({"externalId": "user_1"})
+    assert await store.upsert_from_clerk(profile(name="Same"), via="sync") is Outcome.UNCHANGED
+    assert await store.users.find_one({"externalId": "user_1"}) == before  # updatedAt too: no write
+
+
+async def test_same_fields_with_a_newer_clerk_time_are_written(store: UserStore) -> None:
+    # Clerk changed something authsvc does not mirror: clerkUpdatedAt still moves, so a late older event is stale.
+    await store.upsert_from_clerk(profile())
+    assert await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1))) is Outcome.UPDATED
+    assert await store.upsert_from_clerk(profile(name="Late", at=T0 + timedelta(milliseconds=500))) is Outcome.STALE
 
 
 async def test_concurrent_creates_of_one_user_leave_one_document(store: UserStore) -> None:
     results = await asyncio.gather(
         *[store.upsert_from_clerk(profile(at=T0 + timedelta(milliseconds=ms))) for ms in range(20)]
     )
-    assert all(r in (Outcome.APPLIED, Outcome.STALE) for r in results)
+    assert all(r in (Outcome.CREATED, Outcome.UPDATED, Outcome.STALE) for r in results)
     assert await store.users.count_documents({"externalId": "user_1"}) == 1
     user = await store.users.find_one({"externalId": "user_1"})
     assert user is not None and user["clerkUpdatedAt"] == T0 + timedelta(milliseconds=19)
@@ -89,13 +105,13 @@ async def test_ledger_records_once(store: UserStore) -> None:
 
 
 async def test_redelivery_of_the_latest_event_changes_nothing(store: UserStore) -> None:
-    assert await store.upsert_from_clerk(profile(name="First"), "msg_a") is Outcome.APPLIED
+    assert await store.upsert_from_clerk(profile(name="First"), "msg_a") is Outcome.CREATED
     before = await store.users.find_one({"externalId": "user_1"})
     # The same delivery again (a retry after a lost ledger write) writes nothing...
     assert await store.upsert_from_clerk(profile(name="First"), "msg_a") is Outcome.APPLIED
     assert await store.users.find_one({"externalId": "user_1"}) == before
     # ...while another delivery with the same updated_at applies again, as the design says.
-    assert await store.upsert_from_clerk(profile(name="Second"), "msg_b") is Outcome.APPLIED
+    assert await store.upsert_from_clerk(profile(name="Second"), "msg_b") is Outcome.UPDATED
     doc = await store.users.find_one({"externalId": "user_1"})
     assert doc is not None and doc["name"] == "Second" and doc["lastSvixId"] == "msg_b"
     # An older event is stale, whatever its id.
@@ -106,5 +122,11 @@ async def test_role_change_from_clerk_is_audited(store: UserStore) -> None:
     await store.upsert_from_clerk(profile(role=Role.STAFF))
     await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1), role=Role.ADMIN))
     await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=1), role=Role.ADMIN))
-    audits = [doc async for doc in store.role_changes.find({"externalId": "user_1"})]
-    assert [(a["from"], a["to"], a["via"]) for a in audits] == [("staff", "admin", "webhook")]
+    await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=2), role=Role.SUPERADMIN), via="sync")
+    await store.upsert_from_clerk(profile(at=T0 + timedelta(seconds=3), role=Role.STAFF), via="jit")
+    audits = [doc async for doc in store.role_changes.find({"externalId": "user_1"}).sort("at", 1)]
+    assert [(a["from"], a["to"], a["via"]) for a in audits] == [
+        ("staff", "admin", "webhook"),
+        ("admin", "superadmin", "sync"),
+        ("superadmin", "staff", "jit"),
+    ]

@@ -36,7 +36,8 @@ def plan(svix_id: str, event: ClerkEvent) -> Delivery:
         external_id = profile.external_id
 
         async def effect(store: UserStore) -> Outcome:
-            return await store.upsert_from_clerk(profile, svix_id)
+            outcome = await store.upsert_from_clerk(profile, svix_id)
+            return Outcome.APPLIED if outcome.applied else outcome
 
     elif event.type == "user.deleted":
         gone = external_id = deleted_id(event)
