@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from authsvc.dev.command import DEV
 from service.command import EXIT_CONFIG, GRPC, Command, add_version, execute
 from service.settings import SettingsError, load
+from service.synccommand import SYNC
+from service.synccommand import main as sync_main
 from webhook.command import WEBHOOK
 
 COMMANDS: tuple[Command, ...] = (GRPC, WEBHOOK, DEV)
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--email")
     hook.add_argument("--first-name")
     hook.add_argument("--last-name")
+    sync = SYNC.configure(sub.add_parser(SYNC.name, help=SYNC.brief))
+    sync.add_argument("--dry-run", action="store_true", help="read and compare, write nothing, print the summary")
+    sync.add_argument("--prune", action="store_true", help="after a complete listing, delete users Clerk no longer has")
     return parser
 
 
@@ -51,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for command in COMMANDS:
         if args.command == command.name:
             return execute(command)
+    if args.command == SYNC.name:
+        return sync_main(dry_run=args.dry_run, prune=args.prune)
     try:
         settings = load()
     except SettingsError as exc:

@@ -1,7 +1,7 @@
 """The gRPC process's composition root: every resource built here, in one ``AsyncExitStack``.
 
 :func:`grpc_service` builds the token verifier, the optional Clerk client,
-the user cache, the role rules, the servicer and the server over a store the
+the user cache (with just-in-time sync around it), the role rules, the servicer and the server over a store the
 caller owns, and closes them in reverse order. ``authsvc grpc`` wraps it in
 :func:`run_grpc`; ``authsvc dev`` and the tests use it directly.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from service.access import RoleAdmin, UserReader
 from service.clerkapi import ClerkBackend
+from service.jit import JitUsers
 from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
 from service.settings import Settings
@@ -34,6 +35,7 @@ class GrpcService:
     verifier: TokenVerifier
     users: UserCache
     clerk: ClerkBackend | None
+    reader: UserReader  # what token-checking paths read users through: the cache, with JIT sync around it
 
     @property
     def port(self) -> int:
@@ -56,8 +58,13 @@ async def grpc_service(
         users = UserCache(store)
         stack.push_async_callback(users.close)
         await users.start()
-        servicer = AuthServicer(store, verifier, users, RoleAdmin(store, verifier, clerk))
-        extra = [_ext_authz(verifier, users, servicer)] if settings.ext_authz else []
+        reader: UserReader = users
+        if clerk is not None and settings.jit_sync:
+            jit = JitUsers(users, store, clerk)
+            stack.push_async_callback(jit.close)
+            reader = jit
+        servicer = AuthServicer(store, verifier, reader, RoleAdmin(store, verifier, clerk))
+        extra = [_ext_authz(verifier, reader, servicer)] if settings.ext_authz else []
 
         async def ready() -> bool:
             # No signing key at all (a cold start with the JWKS down): no token can be verified.
@@ -72,7 +79,7 @@ async def grpc_service(
             log.warning("CLERK_AUTHORIZED_PARTIES is unset: the azp claim is not checked")
         if not settings.clerk_secret_key:
             log.warning("CLERK_SECRET_KEY is unset: SetRole writes MongoDB only; the next Clerk event wins")
-        yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk)
+        yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk, reader=reader)
 
 
 def _ext_authz(verifier: TokenVerifier, users: UserReader, servicer: AuthServicer) -> tuple[str, ExtraService]:

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from service.errors import ClerkKeyRefused, ClerkRejected, ClerkUnavailable, ClerkUserNotFound
 from service.logs import fields
@@ -97,7 +97,7 @@ class ClerkBackend:
         self._attempts = attempts
         self._rate_limit_attempts = rate_limit_attempts
         self._max_retry_after = max_retry_after_s
-        self._backoff = wait_exponential_jitter(initial=backoff_s, max=max_backoff_s, jitter=backoff_s / 2)
+        self._backoff = wait_exponential(multiplier=backoff_s, max=max_backoff_s) + wait_random(0, backoff_s / 2)
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:

@@ -1,15 +1,14 @@
 """Helpers for tests of the gRPC service: real servers on loopback, nothing mocked.
 
 ``serve(...)`` starts a TokenVerifier against a LocalIssuer, the gRPC server
-on port 0 and an aio channel; ``FakeClerk`` is a local stand-in for Clerk's
-``PATCH /v1/users/{id}/metadata``.
+on port 0 and an aio channel; with a :class:`tests.fakeclerk.FakeClerk`, role
+write-through and just-in-time sync go to it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,45 +30,11 @@ from service.roles import Role
 from service.settings import Settings
 from service.tokens import TokenVerifier
 from service.users import UserProfile, UserStore
+from tests.fakeclerk import SECRET, FakeClerk
 from tests.issuer import LocalIssuer
 
 FRONTEND = "http://localhost:3000"
-CLERK_SECRET = "sk_test_authsvc_fake"
-
-
-class FakeClerk:
-    """Records ``PATCH /v1/users/{id}/metadata`` (body and Authorization); ``fail`` answers 500."""
-
-    def __init__(self) -> None:
-        self.fail = False
-        self.requests: list[tuple[str, dict[str, Any], str | None]] = []
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _metadata(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        self.requests.append((request.match_info["user_id"], body, request.headers.get("Authorization")))
-        if self.fail:
-            return web.json_response({"errors": [{"message": "boom"}]}, status=500)
-        return web.json_response({"id": request.match_info["user_id"], **body})
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_patch("/v1/users/{user_id}/metadata", self._metadata)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+CLERK_SECRET = SECRET
 
 
 @dataclass
@@ -81,6 +45,15 @@ class Harness:
     service: GrpcService
     channel: grpc.aio.Channel
     stub: authsvc_pb2_grpc.AuthServiceAsyncStub
+    fake_clerk: FakeClerk | None = None
+
+    async def seed(
+        self, external_id: str, role: Role = Role.STAFF, *, active: bool = True, name: str = "Test User"
+    ) -> None:
+        """A synced user in MongoDB, and in the fake Clerk when there is one."""
+        await seed(self.store, external_id, role, active=active, name=name)
+        if self.fake_clerk is not None:
+            self.fake_clerk.add_user(external_id, first_name=name, last_name=None, role=role.wire, banned=not active)
 
     @property
     def verifier(self) -> TokenVerifier:
@@ -124,7 +97,7 @@ async def serve(
         grpc_service(settings, store, health_interval_s=health_interval_s, grace_s=0.5) as service,
         grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
     ):
-        yield Harness(settings, store, issuer, service, channel, authsvc_pb2_grpc.AuthServiceStub(channel))
+        yield Harness(settings, store, issuer, service, channel, authsvc_pb2_grpc.AuthServiceStub(channel), clerk)
 
 
 async def seed(

@@ -33,10 +33,10 @@ from service.servicer import AuthServicer
 from service.settings import Settings
 from service.tokens import TokenVerifier
 from service.users import UserStore
+from tests.fakeclerk import FakeClerk
 from tests.grpc_helpers import (
     CLERK_SECRET,
     FRONTEND,
-    FakeClerk,
     Harness,
     issuer_settings,
     make_pki,
@@ -100,7 +100,7 @@ def claims_for(h: Harness, subject: str = STAFF) -> dict[str, Any]:
 
 # --- VerifyToken ---------------------------------------------------------------
 async def test_valid_token_returns_identity_user_and_claims(h: Harness) -> None:
-    await seed(h.store, STAFF, Role.ADMIN, name="Ada Lovelace")
+    await h.seed(STAFF, Role.ADMIN, name="Ada Lovelace")
     token = h.token(STAFF, session_id="sess_abc", extra={"org": {"id": "org_1", "tags": ["a", 2]}})
     reply = await h.stub.VerifyToken(pb.VerifyTokenRequest(token=token))
     assert (reply.subject, reply.session_id, reply.authorized_party) == (STAFF, "sess_abc", FRONTEND)
@@ -161,7 +161,7 @@ TOKEN_FAILURES: dict[str, tuple[Callable[[Harness], str], str]] = {
 
 @pytest.mark.parametrize("case", list(TOKEN_FAILURES))
 async def test_bad_token_is_unauthenticated_with_its_reason(h: Harness, case: str) -> None:
-    await seed(h.store, STAFF)
+    await h.seed(STAFF)
     make, reason = TOKEN_FAILURES[case]
     code, got, _ = await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=make(h))))
     assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, reason)
@@ -188,7 +188,7 @@ ROLES = {
 async def test_min_role_allows_equal_or_higher_and_denies_lower(h: Harness, has: str, needs: str) -> None:
     role, _ = ROLES[has]
     required, wire = ROLES[needs]
-    await seed(h.store, STAFF, role)
+    await h.seed(STAFF, role)
     call = h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF), min_role=wire))
     if role >= required:
         assert (await call).user.role == ROLES[has][1]
@@ -198,7 +198,7 @@ async def test_min_role_allows_equal_or_higher_and_denies_lower(h: Harness, has:
 
 
 async def test_inactive_user_is_denied_with_or_without_min_role(h: Harness) -> None:
-    await seed(h.store, STAFF, Role.SUPERADMIN, active=False)
+    await h.seed(STAFF, Role.SUPERADMIN, active=False)
     for wire in (pb.ROLE_UNSPECIFIED, pb.ROLE_STAFF):
         code, reason, _ = await rpc_error(
             h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF), min_role=wire))
@@ -207,7 +207,7 @@ async def test_inactive_user_is_denied_with_or_without_min_role(h: Harness) -> N
 
 
 async def test_soft_deleted_user_is_denied(h: Harness) -> None:
-    await seed(h.store, STAFF)
+    await h.seed(STAFF)
     await h.store.delete(STAFF)
     code, reason, _ = await rpc_error(h.stub.VerifyToken(pb.VerifyTokenRequest(token=h.token(STAFF))))
     assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "USER_INACTIVE")
@@ -257,7 +257,7 @@ async def test_unexpected_exception_is_internal_with_a_request_id_and_no_detail(
 
 
 async def test_each_call_logs_one_line_without_the_token(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    await seed(h.store, STAFF)
+    await h.seed(STAFF)
     token = h.token(STAFF)
     caplog.set_level(logging.INFO, logger="service.servicer")
     await h.stub.VerifyToken(pb.VerifyTokenRequest(token=token))
@@ -282,7 +282,7 @@ async def test_each_call_logs_one_line_without_the_token(h: Harness, caplog: pyt
 
 # --- GetUser -----------------------------------------------------------------------
 async def test_get_user_found(h: Harness) -> None:
-    await seed(h.store, ADMIN, Role.ADMIN, name="Grace Hopper")
+    await h.seed(ADMIN, Role.ADMIN, name="Grace Hopper")
     await h.store.record_login(ADMIN, datetime.now(UTC))
     user = await h.stub.GetUser(pb.GetUserRequest(external_id=ADMIN))
     assert (user.external_id, user.name, user.role, user.is_active) == (
@@ -300,7 +300,7 @@ async def test_get_user_unknown_is_not_found(h: Harness) -> None:
 
 
 async def test_get_user_soft_deleted_is_inactive(h: Harness) -> None:
-    await seed(h.store, STAFF)
+    await h.seed(STAFF)
     await h.store.delete(STAFF)
     user = await h.stub.GetUser(pb.GetUserRequest(external_id=STAFF))
     assert user.external_id == STAFF and not user.is_active and user.name == "Test User"
@@ -347,8 +347,8 @@ async def role_in_db(store: UserStore, external_id: str) -> Role:
 
 
 async def test_superadmin_sets_role_in_clerk_mongodb_and_audit(h: Harness, fake_clerk: FakeClerk) -> None:
-    await seed(h.store, SA, Role.SUPERADMIN)
-    await seed(h.store, STAFF)
+    await h.seed(SA, Role.SUPERADMIN)
+    await h.seed(STAFF)
     user = await h.stub.SetRole(pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_ADMIN), metadata=h.bearer(SA))
     assert (user.external_id, user.role) == (STAFF, pb.ROLE_ADMIN)
     assert await role_in_db(h.store, STAFF) is Role.ADMIN
@@ -357,21 +357,23 @@ async def test_superadmin_sets_role_in_clerk_mongodb_and_audit(h: Harness, fake_
     assert await audit(h.store, STAFF) == [
         {"externalId": STAFF, "from": "staff", "to": "admin", "by": SA, "via": "grpc"}
     ]
-    assert fake_clerk.requests == [(STAFF, {"public_metadata": {"role": "admin"}}, f"Bearer {CLERK_SECRET}")]
+    assert fake_clerk.metadata_patches == [(STAFF, {"public_metadata": {"role": "admin"}}, f"Bearer {CLERK_SECRET}")]
 
 
 async def test_clerk_write_through_keeps_the_user_id_one_path_segment(h: Harness, fake_clerk: FakeClerk) -> None:
     odd = "user_a/../../v1/users/user_b?x=1"
-    await seed(h.store, SA, Role.SUPERADMIN)
-    await seed(h.store, odd)
+    await h.seed(SA, Role.SUPERADMIN)
+    await h.seed(odd)
     user = await h.stub.SetRole(pb.SetRoleRequest(external_id=odd, role=pb.ROLE_ADMIN), metadata=h.bearer(SA))
     assert user.role == pb.ROLE_ADMIN
-    assert [(uid, body) for uid, body, _ in fake_clerk.requests] == [(odd, {"public_metadata": {"role": "admin"}})]
+    assert [(uid, body) for uid, body, _ in fake_clerk.metadata_patches] == [
+        (odd, {"public_metadata": {"role": "admin"}})
+    ]
 
 
 async def test_bearer_scheme_is_case_insensitive(h: Harness) -> None:
-    await seed(h.store, SA, Role.SUPERADMIN)
-    await seed(h.store, STAFF)
+    await h.seed(SA, Role.SUPERADMIN)
+    await h.seed(STAFF)
     metadata = (("authorization", f"bearer {h.token(SA)}"),)
     user = await h.stub.SetRole(pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_ADMIN), metadata=metadata)
     assert user.role == pb.ROLE_ADMIN
@@ -393,7 +395,7 @@ async def assert_unchanged(h: Harness, fake_clerk: FakeClerk, external_id: str, 
     if await h.store.get(external_id) is not None:
         assert await role_in_db(h.store, external_id) is role
     assert await audit(h.store, external_id) == []
-    assert fake_clerk.requests == []
+    assert fake_clerk.metadata_patches == []
 
 
 SET_ROLE_DENIALS: dict[str, tuple[str | None, str, int, grpc.StatusCode, str]] = {
@@ -445,11 +447,11 @@ SET_ROLE_DENIALS: dict[str, tuple[str | None, str, int, grpc.StatusCode, str]] =
 @pytest.mark.parametrize("case", list(SET_ROLE_DENIALS))
 async def test_set_role_denied_changes_nothing(h: Harness, fake_clerk: FakeClerk, case: str) -> None:
     caller, target, role, want_code, want_reason = SET_ROLE_DENIALS[case]
-    await seed(h.store, SA, Role.SUPERADMIN)
-    await seed(h.store, "user_sa_off", Role.SUPERADMIN, active=False)
-    await seed(h.store, ADMIN, Role.ADMIN)
-    await seed(h.store, STAFF)
-    await seed(h.store, GONE)
+    await h.seed(SA, Role.SUPERADMIN)
+    await h.seed("user_sa_off", Role.SUPERADMIN, active=False)
+    await h.seed(ADMIN, Role.ADMIN)
+    await h.seed(STAFF)
+    await h.seed(GONE)
     await h.store.delete(GONE)
     metadata = h.bearer(caller) if caller else ()
     code, reason, _ = await rpc_error(
@@ -461,7 +463,7 @@ async def test_set_role_denied_changes_nothing(h: Harness, fake_clerk: FakeClerk
 
 
 async def test_non_bearer_authorization_is_malformed(h: Harness) -> None:
-    await seed(h.store, SA, Role.SUPERADMIN)
+    await h.seed(SA, Role.SUPERADMIN)
     metadata = (("authorization", f"Basic {h.token(SA)}"),)
     code, reason, _ = await rpc_error(
         h.stub.SetRole(pb.SetRoleRequest(external_id=SA, role=pb.ROLE_ADMIN), metadata=metadata)
@@ -469,22 +471,41 @@ async def test_non_bearer_authorization_is_malformed(h: Harness) -> None:
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MALFORMED")
 
 
-async def test_clerk_failure_is_unavailable_and_changes_nothing(h: Harness, fake_clerk: FakeClerk) -> None:
-    await seed(h.store, SA, Role.SUPERADMIN)
-    await seed(h.store, STAFF)
-    fake_clerk.fail = True
+CLERK_ANSWERS: dict[str, tuple[int | None, grpc.StatusCode, str, int]] = {
+    # name: (status the fake answers (None: the user is not in Clerk), code, reason, PATCH attempts)
+    "5xx until retries run out": (500, grpc.StatusCode.UNAVAILABLE, "CLERK_UNAVAILABLE", 4),
+    "no such user in Clerk": (None, grpc.StatusCode.FAILED_PRECONDITION, "CLERK_USER_NOT_FOUND", 1),
+    "422 from Clerk": (422, grpc.StatusCode.FAILED_PRECONDITION, "CLERK_REJECTED", 1),
+    "400 from Clerk": (400, grpc.StatusCode.FAILED_PRECONDITION, "CLERK_REJECTED", 1),
+    "key refused": (401, grpc.StatusCode.UNAVAILABLE, "CLERK_KEY_REFUSED", 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CLERK_ANSWERS))
+async def test_clerk_write_through_failure_changes_nothing(h: Harness, fake_clerk: FakeClerk, case: str) -> None:
+    status, want_code, want_reason, attempts = CLERK_ANSWERS[case]
+    await h.seed(SA, Role.SUPERADMIN)
+    await h.seed(STAFF)
+    if status is None:
+        fake_clerk.delete_user(STAFF)
+    elif status == 500:
+        fake_clerk.fail = True
+    elif status == 401:
+        fake_clerk.secret = "sk_test_rotated"
+    else:
+        fake_clerk.answer_next = [status]
     code, reason, _ = await rpc_error(
         h.stub.SetRole(pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_ADMIN), metadata=h.bearer(SA))
     )
-    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "CLERK_UNAVAILABLE")
-    assert len(fake_clerk.requests) == 1
+    assert (code, reason) == (want_code, want_reason)
+    assert len(fake_clerk.requests("/v1/users/{id}/metadata", "PATCH")) == attempts
     assert await role_in_db(h.store, STAFF) is Role.STAFF
     assert await audit(h.store, STAFF) == []
 
 
 async def test_superadmin_may_demote_another_but_then_not_the_last(h: Harness) -> None:
-    await seed(h.store, SA, Role.SUPERADMIN)
-    await seed(h.store, SA2, Role.SUPERADMIN)
+    await h.seed(SA, Role.SUPERADMIN)
+    await h.seed(SA2, Role.SUPERADMIN)
     await h.stub.SetRole(pb.SetRoleRequest(external_id=SA2, role=pb.ROLE_STAFF), metadata=h.bearer(SA))
     assert await role_in_db(h.store, SA2) is Role.STAFF
     code, reason, _ = await rpc_error(
@@ -599,11 +620,11 @@ async def denied_soon(h: Harness, request: pb.VerifyTokenRequest, timeout_s: flo
 
 
 async def test_changes_from_the_sidecar_reach_verify_token_within_moments(h: Harness) -> None:
-    await seed(h.store, ADMIN, Role.ADMIN)
+    await h.seed(ADMIN, Role.ADMIN)
     request = pb.VerifyTokenRequest(token=h.token(ADMIN), min_role=pb.ROLE_ADMIN)
     for _ in range(3):  # warm: served from the cache from now on
         assert (await h.stub.VerifyToken(request)).user.role == pb.ROLE_ADMIN
-    await seed(h.store, ADMIN, Role.STAFF)  # the same write a user.updated makes
+    await h.seed(ADMIN, Role.STAFF)  # the same write a user.updated makes
     assert await denied_soon(h, request) == "ROLE_TOO_LOW"
     await h.store.delete(ADMIN)
     assert await denied_soon(h, pb.VerifyTokenRequest(token=h.token(ADMIN))) == "USER_INACTIVE"

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
+from service.clerkapi import ClerkBackend
 from service.logs import fields
+from service.repair import Repairer
 from service.settings import Settings
 from service.startup import StartupError, split_addr, until_signalled, user_store
 from service.users import UserStore
@@ -24,7 +26,8 @@ async def sidecar(settings: Settings, store: UserStore, routes: Sequence[web.Rou
     app.add_routes(list(routes))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(runner.cleanup)
         host, port = split_addr(settings.webhook_addr)
         site = web.TCPSite(runner, host, port)
         try:
@@ -33,9 +36,22 @@ async def sidecar(settings: Settings, store: UserStore, routes: Sequence[web.Rou
             raise StartupError(f"cannot listen on {settings.webhook_addr}: {exc.strerror}") from exc
         bound: int = runner.addresses[0][1] if runner.addresses else port
         log.info("webhook sidecar listening", extra=fields(addr=f"{host}:{bound}", path=settings.webhook_path))
+        await _periodic_repair(settings, store, stack)
         yield bound
-    finally:
-        await runner.cleanup()
+
+
+async def _periodic_repair(settings: Settings, store: UserStore, stack: contextlib.AsyncExitStack) -> None:
+    """With ``AUTHSVC_SYNC_INTERVAL_S`` and ``CLERK_SECRET_KEY``: reconcile from Clerk on that interval."""
+    if not settings.sync_interval_s:
+        return
+    if not settings.clerk_secret_key:
+        log.warning("AUTHSVC_SYNC_INTERVAL_S is set but CLERK_SECRET_KEY is not: no periodic repair")
+        return
+    clerk = ClerkBackend(settings.clerk_api_url, settings.clerk_secret_key)
+    stack.push_async_callback(clerk.close)
+    repairer = Repairer(store, clerk, settings.sync_interval_s)
+    await repairer.start()
+    stack.push_async_callback(repairer.close)
 
 
 async def run_webhook(settings: Settings) -> None:
