@@ -53,7 +53,8 @@ class JitUsers:
         self._store = store
         self._clerk = clerk
         self._bound = bound_s
-        self._limiter = AsyncLimiter(rate_per_s, 1.0)
+        # One fetch per 1/rate s, no burst: never more than rate_per_s in any second (+1 at its edge).
+        self._limiter = AsyncLimiter(1, 1.0 / rate_per_s)
         self._not_found: TTLCache[str, bool] = TTLCache(maxsize=max_not_found, ttl=not_found_ttl_s)
         self._inflight: dict[str, asyncio.Task[UserRecord | None]] = {}
 

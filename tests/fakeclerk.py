@@ -15,6 +15,7 @@ import asyncio
 import copy
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class FakeClerk:
         self.retry_after: str | None = "1"  # the Retry-After header of a 429 (None: absent)
         self.delay_s = 0.0  # every request waits this long first
         self.hang = False  # requests wait until release() (or the server stops)
+        self.on_list: Callable[[int], Awaitable[None]] | None = None  # runs before a page at this offset is served
         self._released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._template: dict[str, Any] = json.loads(FIXTURE.read_text())["data"]
@@ -210,6 +212,8 @@ class FakeClerk:
             return _error(422, "form_param_value_invalid", "limit must be 1..500, offset >= 0")
         if self.fail_from_offset is not None and offset >= self.fail_from_offset:
             return _error(503, "service_unavailable", "Unavailable")
+        if self.on_list is not None:
+            await self.on_list(offset)
         order = request.query.get("order_by", "-created_at")
         key = order.lstrip("+-")
         if key not in ("created_at", "updated_at"):

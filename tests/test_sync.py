@@ -1,0 +1,289 @@
+"""authsvc sync against a real database and the fake Clerk Backend API on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.clerkapi import ClerkBackend
+from service.embedded import EmbeddedMongo
+from service.roles import Role
+from service.settings import Settings
+from service.sync import reconcile, run_sync
+from service.users import UserProfile, UserStore
+from tests.conftest import subprocess_env
+from tests.fakeclerk import SECRET, FakeClerk
+
+AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
+
+
+@pytest.fixture
+async def clerk() -> AsyncIterator[FakeClerk]:
+    async with FakeClerk() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def client(clerk: FakeClerk) -> AsyncIterator[ClerkBackend]:
+    """The real client, with retries short enough for tests."""
+    backend = ClerkBackend(clerk.url, SECRET, attempts=3, backoff_s=0.01, max_backoff_s=0.05)
+    yield backend
+    await backend.close()
+
+
+def sync_settings(settings: Settings, clerk: FakeClerk) -> Settings:
+    return settings.model_copy(update={"clerk_api_url": clerk.url, "clerk_secret_key": SECRET})
+
+
+async def dump(store: UserStore) -> dict[str, list[dict[str, Any]]]:
+    """Every document of every collection authsvc writes, in a stable order."""
+    out = {}
+    for name in ("users", "role_changes", "webhook_events", "leases"):
+        out[name] = [doc async for doc in store.users.database[name].find({}).sort("_id", 1)]
+    return out
+
+
+def expected(user: dict[str, Any]) -> dict[str, Any]:
+    """The mirrored fields of a Clerk user object, spelled out from the design (not via profile_of)."""
+    full = f"{(user['first_name'] or '').strip()} {(user['last_name'] or '').strip()}".strip()
+    emails = {e["id"]: e["email_address"] for e in user["email_addresses"]}
+    role = (user["public_metadata"] or {}).get("role")
+    return {
+        "name": full or user["username"] or "User",
+        "email": emails.get(user["primary_email_address_id"], user["email_addresses"][0]["email_address"]),
+        "role": role if role in ("superadmin", "admin", "staff") else "staff",
+        "isActive": not (user["banned"] or user["locked"]),
+        "clerkUpdatedAt": datetime.fromtimestamp(user["updated_at"] / 1000, tz=UTC),
+    }
+
+
+def mirrored(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: doc.get(k) for k in ("name", "email", "role", "isActive", "clerkUpdatedAt")}
+
+
+async def test_backfill_mirrors_every_user_field_by_field_and_a_rerun_writes_nothing(
+    clerk: FakeClerk, client: ClerkBackend, store: UserStore
+) -> None:
+    users = clerk.add_users(2_100)
+    first = await reconcile(client, store)
+    assert first.line() == "listed 2100, created 2100, updated 0, unchanged 0, stale 0, pruned 0"
+    stored = {doc["externalId"]: doc async for doc in store.users.find({})}
+    assert len(stored) == len(users)
+    for user in users:
+        assert mirrored(stored[user["id"]]) == expected(user), user["id"]
+    # Pages were asked oldest first, 500 at a time, and the count once.
+    pages = clerk.requests("/v1/users")
+    assert [p.query["offset"] for p in pages] == ["0", "500", "1000", "1500", "2000"]
+    assert {(p.query["limit"], p.query["order_by"]) for p in pages} == {("500", "+created_at")}
+    assert len(clerk.requests("/v1/users/count")) == 1
+
+    before = await dump(store)
+    again = await reconcile(client, store)
+    assert again.line() == "listed 2100, created 0, updated 0, unchanged 2100, stale 0, pruned 0"
+    assert await dump(store) == before  # not one write: updatedAt unchanged everywhere
+
+
+async def test_clerk_newer_applies_mongodb_newer_and_tombstones_stay(
+    clerk: FakeClerk, client: ClerkBackend, store: UserStore
+) -> None:
+    clerk.add_user("user_clerk_newer", role="staff")
+    clerk.add_user("user_mongo_newer", first_name="Old")
+    clerk.add_user("user_deleted")
+    await reconcile(client, store)
+    clerk.update_user("user_clerk_newer", role="admin", first_name="Grace")
+    # A webhook got there first with a newer state than the one Clerk will list.
+    newer = UserProfile("user_mongo_newer", "Newest", None, Role.STAFF, True, datetime.now(UTC) + timedelta(days=1))
+    await store.upsert_from_clerk(newer, "msg_1")
+    await store.delete("user_deleted")
+
+    summary = await reconcile(client, store)
+    assert summary.line() == "listed 3, created 0, updated 1, unchanged 0, stale 2, pruned 0"
+    grace = await store.get("user_clerk_newer")
+    assert grace is not None and (grace.name, grace.role) == ("Grace Lovelace", Role.ADMIN)
+    kept = await store.get("user_mongo_newer")
+    assert kept is not None and kept.name == "Newest"
+    gone = await store.get("user_deleted")
+    assert gone is not None and not gone.is_active and gone.deleted_at is not None
+    audits = [(a["from"], a["to"], a["by"], a["via"]) async for a in store.role_changes.find({})]
+    assert audits == [("staff", "admin", "clerk", "sync")]
+
+
+async def test_dry_run_leaves_the_database_byte_identical_and_predicts_the_summary(
+    clerk: FakeClerk, client: ClerkBackend, store: UserStore
+) -> None:
+    clerk.add_users(40)
+    await reconcile(client, store, page_size=7)
+    for i in range(0, 40, 4):
+        clerk.update_user(f"user_{i:05d}", role="superadmin")
+    clerk.add_users(5, prefix="user_new_")
+    clerk.delete_user("user_00003")
+    await store.delete("user_00005")
+    before = await dump(store)
+
+    dry = await reconcile(client, store, dry_run=True, prune=True, page_size=7)
+    assert await dump(store) == before
+    real = await reconcile(client, store, prune=True, page_size=7)
+    assert dry.line() == real.line() == "listed 44, created 5, updated 10, unchanged 28, stale 1, pruned 1"
+
+
+async def test_prune_deletes_exactly_the_users_gone_from_clerk(
+    clerk: FakeClerk, client: ClerkBackend, store: UserStore, settings: Settings
+) -> None:
+    clerk.add_users(12)
+    await reconcile(client, store, page_size=5)
+    await store.delete("user_00001")  # already deleted: a tombstone is not pruned again
+    clerk.delete_user("user_00001")
+    clerk.delete_user("user_00002")  # gone from Clerk: pruned
+    clerk.delete_user("user_00011")  # gone from Clerk: pruned
+
+    async def meanwhile(offset: int) -> None:
+        if offset == 5:
+            # A webhook creates a user while the sync runs; Clerk's listing will not show it.
+            late = UserProfile("user_late", "Late", None, Role.STAFF, True, datetime.now(UTC))
+            await store.upsert_from_clerk(late, "msg_late")
+            # A deletion in Clerk shifts the later pages back by one: user_00007 moves from offset 5 to 4,
+            # which was already served, so the listing misses it. Clerk still has it: it is not pruned.
+            # (user_00000 was listed on the first page: its own user.deleted webhook will delete it.)
+            clerk.delete_user("user_00000")
+
+    clerk.on_list = meanwhile
+    summary = await reconcile(client, store, prune=True, page_size=5)
+    clerk.on_list = None
+
+    assert (summary.listed, summary.pruned) == (8, 2)
+    deleted = {doc["externalId"] async for doc in store.users.find({"deletedAt": {"$exists": True}})}
+    assert deleted == {"user_00001", "user_00002", "user_00011"}
+    # Asked about each candidate before pruning it: the two gone (404) and the one the listing missed.
+    assert len(clerk.requests("/v1/users/{id}")) == 3
+    late = await store.get("user_late")
+    assert late is not None and late.is_active
+    missed = await store.get("user_00007")
+    assert missed is not None and missed.is_active
+    # Soft delete, exactly as user.deleted: the profile stays, inactive.
+    pruned = await store.get("user_00002")
+    assert pruned is not None and pruned.name and not pruned.is_active
+
+
+async def test_hard_delete_mode_prunes_to_a_tombstone(
+    clerk: FakeClerk, client: ClerkBackend, settings: Settings, store: UserStore
+) -> None:
+    clerk.add_users(3)
+    await reconcile(client, store)
+    clerk.delete_user("user_00001")
+    hard = UserStore(store.users.database, write_concern=store.users.write_concern, delete_mode="hard")
+    assert (await reconcile(client, hard, prune=True)).pruned == 1
+    assert await store.get("user_00001") is None  # erased: only a tombstone remains
+    assert await store.get("user_00001", include_tombstones=True) is not None
+
+
+async def test_a_listing_that_fails_halfway_prunes_nothing_and_exits_1(
+    clerk: FakeClerk, client: ClerkBackend, store: UserStore, settings: Settings
+) -> None:
+    clerk.add_users(1_000)
+    await reconcile(client, store)
+    clerk.delete_user("user_00000")  # gone from Clerk: --prune would delete it after a complete listing
+    clerk.update_user("user_00001", first_name="Changed")
+    clerk.fail_from_offset = 500  # the second page of 500 keeps failing
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_sync(sync_settings(settings, clerk), prune=True, out=out, err=err, clerk=client)
+    assert code == 1
+    assert err.getvalue() == (
+        "authsvc sync: stopped at offset 500 (listed 500 of 999): "
+        "Clerk is unavailable for list_users (HTTP 503); nothing pruned\n"
+    )
+    assert out.getvalue().strip().splitlines()[-1] == (
+        "listed 500, created 0, updated 1, unchanged 499, stale 0, pruned 0"
+    )
+    kept = await store.get("user_00000")
+    assert kept is not None and kept.deleted_at is None  # not pruned
+    changed = await store.get("user_00001")
+    assert changed is not None and changed.name == "Changed Last1"  # the page before the failure was applied
+
+
+@pytest.mark.parametrize("retry_after", ["1", None])
+async def test_a_429_waits_its_retry_after_then_retries(
+    clerk: FakeClerk, client: ClerkBackend, store: UserStore, retry_after: str | None
+) -> None:
+    clerk.add_users(3)
+    clerk.retry_after = retry_after  # None: absent, and the client waits 1 s
+    clerk.answer_next = [429]
+    summary = await reconcile(client, store)
+    assert summary.created == 3
+    first, second = clerk.requests("/v1/users/count")
+    assert (first.status, second.status) == (429, 200)
+    assert second.at - first.at >= 1.0  # the fake saw the wait
+
+
+async def test_429s_beyond_the_bound_are_clerk_unavailable(
+    clerk: FakeClerk, store: UserStore, settings: Settings
+) -> None:
+    clerk.add_users(3)
+    clerk.retry_after = "0"
+    clerk.answer_next = [429] * 5
+    backend = ClerkBackend(clerk.url, SECRET, rate_limit_attempts=3)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        code = await run_sync(sync_settings(settings, clerk), out=out, err=err, clerk=backend)
+    finally:
+        await backend.close()
+    assert code == 1
+    assert err.getvalue() == "authsvc sync: stopped before listing: Clerk kept rate-limiting count_users (HTTP 429)\n"
+    assert len(clerk.requests("/v1/users/count")) == 3
+
+
+# --- the command, as an operator runs it ---------------------------------------------------
+def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = subprocess.run([AUTHSVC, "sync", *args], env=env, capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def cli_env(settings: Settings, mongo: EmbeddedMongo, **extra: str) -> dict[str, str]:
+    return subprocess_env(MONGODB_URI=mongo.uri, MONGODB_DB=settings.mongodb_db, **extra)
+
+
+async def test_missing_key_exits_2_with_one_line(settings: Settings, mongo: EmbeddedMongo) -> None:
+    code, out, err = await _in_thread(run_cli, cli_env(settings, mongo))
+    assert (code, out) == (2, "")
+    assert err == "authsvc: CLERK_SECRET_KEY is required by authsvc sync (sk_live_... or sk_test_...)\n"
+
+
+async def test_refused_key_exits_2_with_one_line(clerk: FakeClerk, settings: Settings, mongo: EmbeddedMongo) -> None:
+    clerk.add_users(3)
+    env = cli_env(settings, mongo, CLERK_API_URL=clerk.url, CLERK_SECRET_KEY="sk_test_wrong")
+    code, out, err = await _in_thread(run_cli, env)
+    assert (code, out) == (2, "")
+    assert err == "authsvc: Clerk refused CLERK_SECRET_KEY (HTTP 401)\n"
+
+
+async def test_the_command_prints_json_progress_then_the_summary(
+    clerk: FakeClerk, settings: Settings, store: UserStore, mongo: EmbeddedMongo
+) -> None:
+    clerk.add_users(600)
+    env = cli_env(settings, mongo, CLERK_API_URL=clerk.url, CLERK_SECRET_KEY=SECRET)
+    code, out, err = await _in_thread(run_cli, env, "--dry-run")
+    assert code == 0, err
+    assert await store.users.count_documents({}) == 0
+    lines = out.strip().splitlines()
+    assert lines[-1] == "listed 600, created 600, updated 0, unchanged 0, stale 0, pruned 0"
+    progress = [json.loads(line) for line in lines[:-1]]
+    assert [p["listed"] for p in progress] == [500, 600]
+    assert {p["event"] for p in progress} == {"sync progress"} and progress[-1]["total"] == 600
+
+    code, out, err = await _in_thread(run_cli, env)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == "listed 600, created 600, updated 0, unchanged 0, stale 0, pruned 0"
+    assert await store.users.count_documents({}) == 600
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run a blocking call off the loop, so the fake Clerk on this loop keeps answering."""
+    return await asyncio.to_thread(fn, *args)
