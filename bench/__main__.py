@@ -1,4 +1,4 @@
-"""``python -m bench [webhook|verify]``: run the benchmarks and print one table.
+"""``python -m bench [webhook|verify|sync]``: run the benchmarks and print one table.
 
 Figures and ratios are measured in this one run on this machine; they are
 never pass/fail tests. Every server is started here and stopped at the end;
@@ -32,7 +32,7 @@ RATIO_NAMES = {
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", metavar="{webhook,verify}", help="default: both")
+    parser.add_argument("which", nargs="*", metavar="{webhook,verify,sync}", help="default: all three")
     parser.add_argument("--duration", type=float, default=None, help="seconds per phase (default 8 / 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each window")
     parser.add_argument("--concurrency", type=int, default=32, help="in flight per load process")
@@ -40,6 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--deliveries", type=int, default=20_000, help="pre-signed deliveries (webhook)")
     parser.add_argument("--tokens", type=int, default=10_000, help="distinct tokens of phase b (verify)")
     parser.add_argument("--clients", type=int, default=2, help="load processes (verify)")
+    parser.add_argument("--sync-users", type=int, default=10_000, help="users in the fake Clerk (sync)")
     parser.add_argument(
         "--profile",
         type=Path,
@@ -48,9 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="sample the processes under test with py-spy into DIR (pip install py-spy)",
     )
     args = parser.parse_args(argv)
-    unknown = [name for name in args.which if name not in ("webhook", "verify")]
+    unknown = [name for name in args.which if name not in ("webhook", "verify", "sync")]
     if unknown:
-        parser.error(f"unknown benchmark {unknown[0]!r} (choose webhook, verify or both)")
+        parser.error(f"unknown benchmark {unknown[0]!r} (choose webhook, verify, sync, or none for all)")
     return args
 
 
@@ -97,7 +98,7 @@ def ratios(figures: list[Figure]) -> list[str]:
 
 
 async def main(args: argparse.Namespace) -> list[str]:
-    which = args.which or ["webhook", "verify"]
+    which = args.which or ["webhook", "verify", "sync"]
     figures: list[Figure] = []
     notes: list[str] = []
     if "webhook" in which:
@@ -137,7 +138,11 @@ async def main(args: argparse.Namespace) -> list[str]:
             f"verify: {args.clients} client processes x {args.concurrency} in flight, {args.tokens} tokens in b, "
             f"{args.duration or 10.0:g} s windows after {args.warmup:g} s warm-up"
         )
-    lines = [*setup, "", table(figures), "", "ratios (same run):", *ratios(figures)]
+    lines = [*setup, "", table(figures), "", "ratios (same run):", *ratios(figures)] if figures else []
+    if "sync" in which:
+        from bench import sync
+
+        lines += ["", *await sync.run(users=args.sync_users)]
     notes += [f"{f.name}: {f.note}" for f in figures if f.note]
     if args.profile is not None:
         if profiles.py_spy() is None:

@@ -248,6 +248,16 @@ class UserStore:
         }
         update = {"$set": fields, "$setOnInsert": {"createdAt": now}}
         projection = {"role": 1}
+        if delivery_id is None and stored is None:
+            # Known absent (the comparison saw no document, not even a tombstone): the upsert's insert
+            # as a plain insert, the cheapest write. A writer that inserted since makes it collide;
+            # the conditional update below then decides as always.
+            async with _translate():
+                try:
+                    await self.users.insert_one({"externalId": profile.external_id, **fields, "createdAt": now})
+                    return Outcome.CREATED
+                except DuplicateKeyError:
+                    pass
         async with _translate():
             # Skipped when the comparison above saw no document or another role: it could not match.
             if delivery_id is not None or known_role == profile.role.wire:
