@@ -98,9 +98,10 @@ class Repairer:
         task, self._task = self._task, None
         if task is None:
             return
+        mid_run = self._running
         task.cancel()
         await asyncio.wait({task}, timeout=5.0)
-        if self._running:  # stopped mid-run: let another replica take over now, not at expiry
+        if mid_run:  # stopped mid-run: let another replica take over now, not at expiry
             try:
                 await asyncio.wait_for(self.lease.release(), timeout=2.0)
             except (PyMongoError, TimeoutError):

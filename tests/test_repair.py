@@ -139,3 +139,20 @@ async def test_a_failing_clerk_ends_the_run_not_the_schedule(
                 await asyncio.sleep(0.02)
     finally:
         await repairer.close()
+
+
+async def test_a_replica_stopped_mid_run_releases_the_lease_at_once(
+    store: UserStore, fake: FakeClerk, client: ClerkBackend
+) -> None:
+    fake.add_users(2)
+    fake.hang = True
+    stopping = Repairer(store, client, 60.0, holder="replica-a")
+    await stopping.start()
+    try:
+        async with asyncio.timeout(10):
+            while await store.leases.find_one({"_id": LEASE_ID, "holder": "replica-a"}) is None:
+                await asyncio.sleep(0.02)
+    finally:
+        await stopping.close()  # SIGTERM while Clerk hangs
+        fake.release()
+    assert await Repairer(store, client, 60.0, holder="replica-b").run_once()
