@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service.clerkapi import ClerkBackend
 from service.embedded import EmbeddedMongo
@@ -74,7 +75,9 @@ async def test_backfill_mirrors_every_user_field_by_field_and_a_rerun_writes_not
     clerk: FakeClerk, client: ClerkBackend, store: UserStore
 ) -> None:
     users = clerk.add_users(2_100)
+    created_before = REGISTRY.get_sample_value("authsvc_sync_users_total", {"outcome": "created"}) or 0.0
     first = await reconcile(client, store)
+    assert REGISTRY.get_sample_value("authsvc_sync_users_total", {"outcome": "created"}) == created_before + 2100
     assert first.line() == "listed 2100, created 2100, updated 0, unchanged 0, stale 0, pruned 0"
     stored = {doc["externalId"]: doc async for doc in store.users.find({})}
     assert len(stored) == len(users)
