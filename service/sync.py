@@ -150,8 +150,12 @@ async def _apply_page(
         async with gate:
             return await store.upsert_from_clerk(profile, via=via, stored=stored.get(profile.external_id))
 
-    for outcome in await asyncio.gather(*(write(p) for p in profiles)):
-        summary.add(outcome)
+    # Every write finishes (none left running behind an error); then the first error, if any, stops the run.
+    results = await asyncio.gather(*(write(p) for p in profiles), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        summary.add(result)
 
 
 async def _prune(

@@ -246,3 +246,18 @@ class FakeClerk:
         user["public_metadata"] = {**user["public_metadata"], **public}
         user["updated_at"] = self.tick()
         return web.json_response(user)
+
+
+def mirror(user: dict[str, Any]) -> dict[str, Any]:
+    """The ``users`` document that the one conditional write leaves for this Clerk user (to seed a database fast)."""
+    from service.clerkuser import profile_of
+
+    p = profile_of(user)
+    return {
+        "externalId": p.external_id,
+        "name": p.name,
+        "email": p.email,
+        "role": p.role.wire,
+        "isActive": p.is_active,
+        "clerkUpdatedAt": p.clerk_updated_at,
+    }

@@ -6,16 +6,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 
 from service.clerkapi import ClerkBackend
-from service.clerkuser import profile_of
 from service.repair import LEASE_ID, Repairer
 from service.settings import Settings
 from service.users import UserStore
-from tests.fakeclerk import SECRET, FakeClerk
+from tests.fakeclerk import SECRET, FakeClerk, mirror
 from webhook.main import sidecar
 
 LIST = "/v1/users"
@@ -32,19 +30,6 @@ async def client(fake: FakeClerk) -> AsyncIterator[ClerkBackend]:
     backend = ClerkBackend(fake.url, SECRET, attempts=2, backoff_s=0.01)
     yield backend
     await backend.close()
-
-
-def mirror(user: dict[str, Any]) -> dict[str, Any]:
-    """The document the one conditional write leaves for this Clerk user."""
-    p = profile_of(user)
-    return {
-        "externalId": p.external_id,
-        "name": p.name,
-        "email": p.email,
-        "role": p.role.wire,
-        "isActive": p.is_active,
-        "clerkUpdatedAt": p.clerk_updated_at,
-    }
 
 
 async def wait_for(predicate: object, timeout_s: float = 30.0) -> None:

@@ -22,7 +22,7 @@ from service.settings import Settings
 from service.sync import reconcile, run_sync
 from service.users import UserProfile, UserStore
 from tests.conftest import subprocess_env
-from tests.fakeclerk import SECRET, FakeClerk
+from tests.fakeclerk import SECRET, FakeClerk, mirror
 
 AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
 
@@ -74,11 +74,11 @@ def mirrored(doc: dict[str, Any]) -> dict[str, Any]:
 async def test_backfill_mirrors_every_user_field_by_field_and_a_rerun_writes_nothing(
     clerk: FakeClerk, client: ClerkBackend, store: UserStore
 ) -> None:
-    users = clerk.add_users(2_100)
+    users = clerk.add_users(2_000)
     created_before = REGISTRY.get_sample_value("authsvc_sync_users_total", {"outcome": "created"}) or 0.0
     first = await reconcile(client, store)
-    assert REGISTRY.get_sample_value("authsvc_sync_users_total", {"outcome": "created"}) == created_before + 2100
-    assert first.line() == "listed 2100, created 2100, updated 0, unchanged 0, stale 0, pruned 0"
+    assert REGISTRY.get_sample_value("authsvc_sync_users_total", {"outcome": "created"}) == created_before + 2000
+    assert first.line() == "listed 2000, created 2000, updated 0, unchanged 0, stale 0, pruned 0"
     stored = {doc["externalId"]: doc async for doc in store.users.find({})}
     assert len(stored) == len(users)
     for user in users:
@@ -91,7 +91,7 @@ async def test_backfill_mirrors_every_user_field_by_field_and_a_rerun_writes_not
 
     before = await dump(store)
     again = await reconcile(client, store)
-    assert again.line() == "listed 2100, created 0, updated 0, unchanged 2100, stale 0, pruned 0"
+    assert again.line() == "listed 2000, created 0, updated 0, unchanged 2000, stale 0, pruned 0"
     assert await dump(store) == before  # not one write: updatedAt unchanged everywhere
 
 
@@ -191,8 +191,7 @@ async def test_hard_delete_mode_prunes_to_a_tombstone(
 async def test_a_listing_that_fails_halfway_prunes_nothing_and_exits_1(
     clerk: FakeClerk, client: ClerkBackend, store: UserStore, settings: Settings
 ) -> None:
-    clerk.add_users(1_000)
-    await reconcile(client, store)
+    await store.users.insert_many([mirror(user) for user in clerk.add_users(1_000)])  # synced before
     clerk.delete_user("user_00000")  # gone from Clerk: --prune would delete it after a complete listing
     clerk.update_user("user_00001", first_name="Changed")
     clerk.fail_from_offset = 500  # the second page of 500 keeps failing
