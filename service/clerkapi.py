@@ -99,8 +99,11 @@ class ClerkBackend:
         self._max_retry_after = max_retry_after_s
         self._backoff = wait_exponential(multiplier=backoff_s, max=max_backoff_s) + wait_random(0, backoff_s / 2)
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def close(self) -> None:
+        """Close the HTTP session; a request after this (or racing it) is :class:`ClerkUnavailable`."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -167,6 +170,8 @@ class ClerkBackend:
     async def _once(
         self, op: str, method: str, path: str, params: dict[str, str] | None, json: object, user: bool
     ) -> Any:
+        if self._closed:
+            raise ClerkUnavailable("the Clerk client is closed (shutting down)")
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         try:

@@ -96,3 +96,12 @@ async def test_set_role_merges_public_metadata(fake: FakeClerk, client: ClerkBac
     await client.set_role("user_1", Role.SUPERADMIN)
     assert fake.users["user_1"]["public_metadata"] == {"role": "superadmin", "team": "blue"}
     assert fake.metadata_patches == [("user_1", {"public_metadata": {"role": "superadmin"}}, f"Bearer {SECRET}")]
+
+
+async def test_a_closed_client_opens_no_new_session(fake: FakeClerk) -> None:
+    backend = ClerkBackend(fake.url, SECRET)
+    assert await backend.count_users() == 0
+    await backend.close()
+    with pytest.raises(ClerkUnavailable, match="closed"):
+        await backend.count_users()
+    assert backend._session is None
