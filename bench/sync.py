@@ -8,8 +8,10 @@ concern), over a private embedded database. Phases, each timed on its own:
 - **listing only**: every page through the client, nothing written: the floor of a sync;
 - **backfill**: the sync into an empty database (every user created);
 - **raw upserts**: a plain ``update_one(..., upsert=True)`` of the same fields per user,
-  same write concern and concurrency, into a collection with the same unique index:
-  the floor of the writes;
+  same write concern and concurrency, into a collection with the same unique index
+  (what the webhook benchmark compares against);
+- **raw bulk insert**: ``insert_many`` of the same documents, 500 a batch, same
+  write concern and index: the floor of any write path that is not batched;
 - **re-run**: the sync again with nothing changed (every user unchanged, no write).
 """
 
@@ -123,9 +125,21 @@ async def _phases(clerk: ClerkBackend, uri: str, users: int) -> list[Phase]:
             await asyncio.gather(*(upsert_one(i) for i in range(len(profiles))))
 
         baseline, _ = await _timed("sync: raw upserts", users, raw_upserts())
+
+        bulk = client["bench"].get_collection("bulk_users", write_concern=concern)
+        await bulk.create_index([("externalId", ASCENDING)], unique=True)
+
+        async def bulk_inserts() -> None:
+            for start in range(0, len(profiles), 500):
+                batch = profiles[start : start + 500]
+                await bulk.insert_many([{"externalId": p.external_id, "name": p.name, "email": p.email,
+                                         "role": p.role.wire, "isActive": p.is_active,
+                                         "clerkUpdatedAt": p.clerk_updated_at} for p in batch])  # fmt: skip
+
+        floor, _ = await _timed("sync: raw bulk insert", users, bulk_inserts())
         rerun, second = await _timed("sync: re-run, nothing changed", users, reconcile(clerk, store))
         rerun.detail = second.line()
-        return [listing, backfill, baseline, rerun]
+        return [listing, backfill, baseline, floor, rerun]
     finally:
         await client.close()
 
@@ -146,6 +160,7 @@ def _report(phases: list[Phase], users: int) -> list[str]:
         "",
         "ratios (same run):",
         f"  backfill / raw upserts        {ratio('sync: backfill', 'sync: raw upserts')}",
+        f"  backfill / raw bulk insert    {ratio('sync: backfill', 'sync: raw bulk insert')}",
         f"  re-run / listing only         {ratio('sync: re-run, nothing changed', 'sync: listing only')}",
     ]
     return lines
