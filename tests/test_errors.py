@@ -67,6 +67,9 @@ def test_every_reason_of_the_design_exists() -> None:
         "INVALID_ARGUMENT",
         "DATABASE_UNAVAILABLE",
         "CLERK_UNAVAILABLE",
+        "CLERK_KEY_REFUSED",
+        "CLERK_USER_NOT_FOUND",
+        "CLERK_REJECTED",
     }
     assert design <= reasons
 

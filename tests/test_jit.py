@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from protos.authsvc.v1 import authsvc_pb2 as pb
+from authsvc_client.v1 import authsvc_pb2 as pb
 from service.roles import Role
 from service.settings import Settings
 from service.users import UserStore
@@ -32,14 +32,14 @@ async def h(settings: Settings, store: UserStore, issuer: LocalIssuer, fake: Fak
         yield harness
 
 
-async def verify(h: Harness, subject: str, min_role: int = pb.ROLE_UNSPECIFIED) -> pb.VerifyTokenResponse:
+async def verify(h: Harness, subject: str, min_role: pb.Role.ValueType = pb.ROLE_UNSPECIFIED) -> pb.VerifyTokenResponse:
     reply: pb.VerifyTokenResponse = await h.stub.VerifyToken(
-        pb.VerifyTokenRequest(token=h.token(subject), min_role=min_role)  # type: ignore[arg-type]
+        pb.VerifyTokenRequest(token=h.token(subject), min_role=min_role)
     )
     return reply
 
 
-async def denied(h: Harness, subject: str, min_role: int = pb.ROLE_STAFF) -> str:
+async def denied(h: Harness, subject: str, min_role: pb.Role.ValueType = pb.ROLE_STAFF) -> str:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await verify(h, subject, min_role)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

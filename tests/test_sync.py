@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -15,13 +13,13 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from authsvc.dev.procs import child_env, run
 from service.clerkapi import ClerkBackend
 from service.embedded import EmbeddedMongo
 from service.roles import Role
 from service.settings import Settings
 from service.sync import reconcile, run_sync
 from service.users import UserProfile, UserStore
-from tests.conftest import subprocess_env
 from tests.fakeclerk import SECRET, FakeClerk, mirror
 
 AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
@@ -243,35 +241,36 @@ async def test_429s_beyond_the_bound_are_clerk_unavailable(
 
 
 # --- the command, as an operator runs it ---------------------------------------------------
-def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = subprocess.run([AUTHSVC, "sync", *args], env=env, capture_output=True, text=True, timeout=120)
-    return proc.returncode, proc.stdout, proc.stderr
+async def run_cli(env: dict[str, str], cwd: Path, *args: str) -> tuple[int, str, str]:
+    return await run(AUTHSVC, "sync", *args, env=env, cwd=cwd, timeout_s=120)
 
 
 def cli_env(settings: Settings, mongo: EmbeddedMongo, **extra: str) -> dict[str, str]:
-    return subprocess_env(MONGODB_URI=mongo.uri, MONGODB_DB=settings.mongodb_db, **extra)
+    return child_env(MONGODB_URI=mongo.uri, MONGODB_DB=settings.mongodb_db, **extra)
 
 
-async def test_missing_key_exits_2_with_one_line(settings: Settings, mongo: EmbeddedMongo) -> None:
-    code, out, err = await _in_thread(run_cli, cli_env(settings, mongo))
+async def test_missing_key_exits_2_with_one_line(settings: Settings, mongo: EmbeddedMongo, tmp_path: Path) -> None:
+    code, out, err = await run_cli(cli_env(settings, mongo), tmp_path)
     assert (code, out) == (2, "")
     assert err == "authsvc: CLERK_SECRET_KEY is required by authsvc sync (sk_live_... or sk_test_...)\n"
 
 
-async def test_refused_key_exits_2_with_one_line(clerk: FakeClerk, settings: Settings, mongo: EmbeddedMongo) -> None:
+async def test_refused_key_exits_2_with_one_line(
+    clerk: FakeClerk, settings: Settings, mongo: EmbeddedMongo, tmp_path: Path
+) -> None:
     clerk.add_users(3)
     env = cli_env(settings, mongo, CLERK_API_URL=clerk.url, CLERK_SECRET_KEY="sk_test_wrong")
-    code, out, err = await _in_thread(run_cli, env)
+    code, out, err = await run_cli(env, tmp_path)
     assert (code, out) == (2, "")
     assert err == "authsvc: Clerk refused CLERK_SECRET_KEY (HTTP 401)\n"
 
 
 async def test_the_command_prints_json_progress_then_the_summary(
-    clerk: FakeClerk, settings: Settings, store: UserStore, mongo: EmbeddedMongo
+    clerk: FakeClerk, settings: Settings, store: UserStore, mongo: EmbeddedMongo, tmp_path: Path
 ) -> None:
     clerk.add_users(600)
     env = cli_env(settings, mongo, CLERK_API_URL=clerk.url, CLERK_SECRET_KEY=SECRET)
-    code, out, err = await _in_thread(run_cli, env, "--dry-run")
+    code, out, err = await run_cli(env, tmp_path, "--dry-run")
     assert code == 0, err
     assert await store.users.count_documents({}) == 0
     lines = out.strip().splitlines()
@@ -280,12 +279,13 @@ async def test_the_command_prints_json_progress_then_the_summary(
     assert [p["listed"] for p in progress] == [500, 600]
     assert {p["event"] for p in progress} == {"sync progress"} and progress[-1]["total"] == 600
 
-    code, out, err = await _in_thread(run_cli, env)
+    code, out, err = await run_cli(env, tmp_path)
     assert code == 0, err
     assert out.strip().splitlines()[-1] == "listed 600, created 600, updated 0, unchanged 0, stale 0, pruned 0"
     assert await store.users.count_documents({}) == 600
 
 
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    """Run a blocking call off the loop, so the fake Clerk on this loop keeps answering."""
-    return await asyncio.to_thread(fn, *args)
+async def test_sync_help_lists_its_options_and_settings(tmp_path: Path) -> None:
+    code, out, _ = await run(AUTHSVC, "sync", "--help", env=child_env(), cwd=tmp_path)
+    assert code == 0
+    assert "--dry-run" in out and "--prune" in out and "CLERK_SECRET_KEY" in out and "AUTHSVC_DELETE_MODE" in out
