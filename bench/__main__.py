@@ -1,4 +1,4 @@
-"""``python -m bench [webhook|verify|sync]``: run the benchmarks and print one table.
+"""``python -m bench [webhook|verify|core|memory|sync]``: run the benchmarks and print one table.
 
 Figures and ratios are measured in this one run on this machine; they are
 never pass/fail tests. Every server is started here and stopped at the end;
@@ -20,26 +20,26 @@ from bench.common import Figure
 
 TARGETS = {
     ("webhook: sidecar", "webhook: raw upsert"): 0.7,
-    ("verify: one token", "verify: floor (Health/Check)"): 0.8,
-    ("verify: 10k tokens", "verify: floor (Health/Check)"): 0.6,
 }
 RATIO_NAMES = {
     ("webhook: sidecar", "webhook: raw upsert"): "sidecar / raw upsert",
-    ("verify: one token", "verify: floor (Health/Check)"): "a/c one token / floor",
-    ("verify: 10k tokens", "verify: floor (Health/Check)"): "b/c 10k tokens / floor",
 }
+BENCHMARKS = ("webhook", "verify", "core", "memory", "sync")
+DEFAULT = ("webhook", "verify", "core", "sync")  # memory takes minutes: `make bench-memory`
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", metavar="{webhook,verify,sync}", help="default: all three")
-    parser.add_argument("--duration", type=float, default=None, help="seconds per phase (default 8 / 10)")
+    parser.add_argument("which", nargs="*", metavar="{webhook,verify,core,memory,sync}", help="default: all but memory")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per phase (default 8 / 6)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the verify servers")
+    parser.add_argument("--calls", type=int, default=1_000_000, help="VerifyToken calls (memory)")
+    parser.add_argument("--distinct", type=int, default=100_000, help="distinct tokens among them (memory)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each window")
     parser.add_argument("--concurrency", type=int, default=32, help="in flight per load process")
     parser.add_argument("--users", type=int, default=1000, help="seeded users (webhook)")
     parser.add_argument("--deliveries", type=int, default=20_000, help="pre-signed deliveries (webhook)")
-    parser.add_argument("--tokens", type=int, default=10_000, help="distinct tokens of phase b (verify)")
-    parser.add_argument("--clients", type=int, default=2, help="load processes (verify)")
+    parser.add_argument("--tokens", type=int, default=2000, help="distinct tokens (core)")
     parser.add_argument("--sync-users", type=int, default=10_000, help="users in the fake Clerk (sync)")
     parser.add_argument(
         "--profile",
@@ -49,9 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="sample the processes under test with py-spy into DIR (pip install py-spy)",
     )
     args = parser.parse_args(argv)
-    unknown = [name for name in args.which if name not in ("webhook", "verify", "sync")]
+    unknown = [name for name in args.which if name not in BENCHMARKS]
     if unknown:
-        parser.error(f"unknown benchmark {unknown[0]!r} (choose webhook, verify, sync, or none for all)")
+        parser.error(f"unknown benchmark {unknown[0]!r} (choose from {', '.join(BENCHMARKS)})")
     return args
 
 
@@ -98,9 +98,12 @@ def ratios(figures: list[Figure]) -> list[str]:
 
 
 async def main(args: argparse.Namespace) -> list[str]:
-    which = args.which or ["webhook", "verify", "sync"]
+    which = args.which or list(DEFAULT)
     figures: list[Figure] = []
     notes: list[str] = []
+    extra_ratios: list[str] = []
+    sections: list[str] = []
+    setup = []
     if "webhook" in which:
         from bench import webhook
 
@@ -114,31 +117,32 @@ async def main(args: argparse.Namespace) -> list[str]:
         )
         figures += found
         notes += more
-    if "verify" in which:
-        from bench import verify
-
-        found, more = await verify.run(
-            duration_s=args.duration or 10.0,
-            warmup_s=args.warmup,
-            concurrency=args.concurrency,
-            clients=args.clients,
-            tokens=args.tokens,
-            profile=args.profile,
-        )
-        figures += found
-        notes += more
-    setup = []
-    if "webhook" in which:
         setup.append(
             f"webhook: {args.users} seeded users, {args.concurrency} concurrent senders in 1 process, "
             f"{args.duration or 8.0:g} s windows after {args.warmup:g} s warm-up"
         )
     if "verify" in which:
-        setup.append(
-            f"verify: {args.clients} client processes x {args.concurrency} in flight, {args.tokens} tokens in b, "
-            f"{args.duration or 10.0:g} s windows after {args.warmup:g} s warm-up"
+        from bench import verify
+
+        found, more = await verify.run(
+            duration_s=args.duration or 6.0, warmup_s=args.warmup, rounds=args.rounds, profile=args.profile
         )
-    lines = [*setup, "", table(figures), "", "ratios (same run):", *ratios(figures)] if figures else []
+        figures += found
+        notes += more
+        extra_ratios += verify.ratio_lines(found)
+        setup.append(f"verify: h2load, one repeated token, {args.rounds} interleaved rounds per server")
+    if "core" in which:
+        from bench import core
+
+        sections += ["", *await core.run(tokens=args.tokens)]
+    if "memory" in which:
+        from bench import memory
+
+        sections += ["", *await memory.run(calls=args.calls, distinct=args.distinct)]
+    lines = [*setup]
+    if figures:
+        lines += ["", table(figures), "", "ratios (same run):", *ratios(figures), *extra_ratios]
+    lines += sections
     if "sync" in which:
         from bench import sync
 

@@ -137,9 +137,12 @@ def figure(name: str, window: Window, results: list[dict[str, Any]], cpu: dict[s
 
 
 # --- CPU accounting of the processes under test -------------------------------------------------
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group ``pgid``."""
-    total = 0
+def group_cpu_seconds(leader: int) -> float:
+    """User + system CPU seconds of every live process in process group ``leader`` or descended from ``leader``.
+
+    (Worker processes put themselves in groups of their own: they count as their parent's.)
+    """
+    stats: dict[int, tuple[int, int, float]] = {}  # pid -> (ppid, pgrp, cpu ticks)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -150,9 +153,19 @@ def group_cpu_seconds(pgid: int) -> float:
             continue
         # Fields after the command name, which may contain spaces: ") state ppid pgrp ..."
         rest = stat[stat.rindex(b")") + 2 :].split()
-        if int(rest[2]) == pgid:
-            total += int(rest[11]) + int(rest[12])  # utime, stime
-    return total / CLOCK_TICKS
+        stats[int(entry.name)] = (int(rest[1]), int(rest[2]), int(rest[11]) + int(rest[12]))  # utime, stime
+
+    def counted(pid: int) -> bool:
+        for _ in range(64):
+            if pid not in stats:
+                return False
+            ppid, pgrp, _ticks = stats[pid]
+            if pid == leader or pgrp == leader:
+                return True
+            pid = ppid
+        return False
+
+    return sum(ticks for pid, (_, _, ticks) in stats.items() if counted(pid)) / CLOCK_TICKS
 
 
 def machine_busy_seconds() -> float:

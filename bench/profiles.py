@@ -43,8 +43,8 @@ async def record(directory: Path, phase: str, window: Any, groups: dict[str, int
     spies, paths = [], []
     for name, pid in groups.items():
         path = directory / f"{slug(phase)}--{name}.txt"
-        argv = [binary, "record", "--pid", str(pid), "--duration", str(math.floor(window.seconds)),
-                "--rate", "100", "--format", "raw", "--output", str(path), "--nonblocking"]  # fmt: skip
+        argv = [binary, "record", "--pid", str(pid), "--duration", str(math.floor(window.seconds)), "--rate", "100",
+                "--format", "raw", "--output", str(path), "--nonblocking", "--subprocesses"]  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
         )

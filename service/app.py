@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from service.access import RoleAdmin, UserReader
 from service.clerkapi import ClerkBackend
 from service.jit import JitUsers
+from service.exposition import metrics_server
 from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
 from service.settings import Settings
@@ -44,7 +45,12 @@ class GrpcService:
 
 @contextlib.asynccontextmanager
 async def grpc_service(
-    settings: Settings, store: UserStore, *, health_interval_s: float = 2.0, grace_s: float = 5.0
+    settings: Settings,
+    store: UserStore,
+    *,
+    health_interval_s: float = 2.0,
+    grace_s: float = 5.0,
+    reuse_port: bool = False,
 ) -> AsyncIterator[GrpcService]:
     """Serve AuthService over ``store`` on ``settings.grpc_addr`` until the block exits."""
     async with contextlib.AsyncExitStack() as stack:
@@ -71,7 +77,9 @@ async def grpc_service(
             return verifier.ready and await store.ping()
 
         try:
-            server = await start_server(settings, servicer, ready, health_interval_s=health_interval_s, extra=extra)
+            server = await start_server(
+                settings, servicer, ready, health_interval_s=health_interval_s, extra=extra, reuse_port=reuse_port
+            )
         except GrpcBindError as exc:
             raise StartupError(str(exc)) from exc
         stack.push_async_callback(server.stop, grace_s)
@@ -91,8 +99,21 @@ def _ext_authz(verifier: TokenVerifier, users: UserReader, servicer: AuthService
     return SERVICE_NAME, ExtAuthzServicer(verifier, users, servicer.serve)
 
 
-async def run_grpc(settings: Settings, *, grace_s: float = 5.0) -> None:
-    """``authsvc grpc``: serve until SIGTERM/SIGINT, then drain (``AUTHSVC_DRAIN_S``) and stop."""
-    async with user_store(settings) as store, grpc_service(settings, store, grace_s=grace_s) as service:
+async def run_grpc(
+    settings: Settings, *, grace_s: float = 5.0, worker: bool = False, on_ready: Callable[[], None] | None = None
+) -> None:
+    """``authsvc grpc``: serve until SIGTERM/SIGINT, then drain (``AUTHSVC_DRAIN_S``) and stop.
+
+    ``GET /metrics`` on ``AUTHSVC_METRICS_ADDR``, unless ``worker``: one of
+    several workers (:mod:`service.workers`) sharing the address with
+    ``SO_REUSEPORT``, whose parent serves ``/metrics``. ``on_ready`` is called once serving.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if not worker:
+            await stack.enter_async_context(metrics_server(settings.metrics_addr))
+        store = await stack.enter_async_context(user_store(settings))
+        service = await stack.enter_async_context(grpc_service(settings, store, grace_s=grace_s, reuse_port=worker))
+        if on_ready is not None:
+            on_ready()
         await until_signalled()
         await drain(service.server, settings.drain_s, grace_s)

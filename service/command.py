@@ -110,8 +110,9 @@ def main(command: Command, argv: Sequence[str] | None = None, *, prog: str) -> i
 
 async def _serve_grpc(settings: Settings) -> None:
     from service.app import run_grpc
+    from service.workers import serve
 
-    await run_grpc(settings)
+    await serve("grpc", run_grpc, settings)
 
 
 GRPC = Command(

@@ -7,14 +7,15 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
+from authsvc_client.v1 import authsvc_pb2
 from service.calls import CallGuard
+from service.grpcmetrics import MetricsInterceptor
 from service.logs import fields
 from service.reflection import enable_reflection
 from service.servicer import AuthServicer
@@ -29,9 +30,6 @@ SERVICE_NAME: str = authsvc_pb2.DESCRIPTOR.services_by_name["AuthService"].full_
 HEALTH_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 SERVER_OPTIONS = [
-    # Without this a second server can bind the same port on Linux and share
-    # its traffic; an address in use must be an error instead.
-    ("grpc.so_reuseport", 0),
     # Requests are a token (at most 8 KiB) and an id: refuse anything far larger.
     ("grpc.max_receive_message_length", 256 * 1024),
 ]
@@ -41,6 +39,44 @@ class ExtraService(Protocol):
     """A further servicer on the same server (Envoy's Authorization): named for reflection, added by itself."""
 
     def add_to(self, server: grpc.aio.Server) -> None: ...
+
+
+def server_options(reuse_port: bool) -> list[tuple[str, int]]:
+    """grpc server options. ``SO_REUSEPORT`` only for the workers of one ``authsvc grpc``
+    (service/workers.py checks the address is free first): otherwise a second server could
+    bind the same port on Linux and share its traffic, where an address in use must be an error."""
+    return [("grpc.so_reuseport", 1 if reuse_port else 0), *SERVER_OPTIONS]
+
+
+def _reply_bytes(reply: Any) -> bytes:
+    """VerifyToken's serializer: the servicer answers with bytes it serialized once and reuses."""
+    if type(reply) is bytes:
+        return reply
+    data: bytes = reply.SerializeToString()
+    return data
+
+
+def add_auth_service(servicer: AuthServicer, server: grpc.aio.Server) -> None:
+    """``authsvc_pb2_grpc.add_AuthServiceServicer_to_server``, with VerifyToken's replies sent as the bytes given."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "VerifyToken": grpc.unary_unary_rpc_method_handler(
+            servicer.VerifyToken,
+            request_deserializer=authsvc_pb2.VerifyTokenRequest.FromString,
+            response_serializer=_reply_bytes,
+        ),
+        "GetUser": grpc.unary_unary_rpc_method_handler(
+            servicer.GetUser,
+            request_deserializer=authsvc_pb2.GetUserRequest.FromString,
+            response_serializer=authsvc_pb2.User.SerializeToString,
+        ),
+        "SetRole": grpc.unary_unary_rpc_method_handler(
+            servicer.SetRole,
+            request_deserializer=authsvc_pb2.SetRoleRequest.FromString,
+            response_serializer=authsvc_pb2.User.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class GrpcBindError(OSError):
@@ -140,6 +176,7 @@ async def start_server(
     *,
     health_interval_s: float = 2.0,
     extra: Sequence[tuple[str, ExtraService]] = (),
+    reuse_port: bool = False,
 ) -> GrpcServer:
     """Serve ``servicer``, Health and reflection on ``settings.grpc_addr``; return the server and bound port.
 
@@ -150,11 +187,13 @@ async def start_server(
     ``(full service name, servicer)``, listed by reflection too. Request bytes
     that do not decode are answered ``INVALID_ARGUMENT`` on every method
     (:class:`service.calls.CallGuard`).
+    Every RPC is counted and timed (``grpc_server_*``); ``reuse_port`` is for worker processes.
     Raises :class:`GrpcBindError` if the address cannot be bound.
     """
     calls = CallGuard()
-    server = grpc.aio.server(interceptors=(calls,), options=SERVER_OPTIONS)
-    authsvc_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+    # The metrics interceptor first: it sees every call as the client does, the guard's refusals included.
+    server = grpc.aio.server(interceptors=(MetricsInterceptor(), calls), options=server_options(reuse_port))
+    add_auth_service(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for _, servicer_ in extra:

@@ -13,12 +13,12 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
+from cachetools import LRUCache
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -27,6 +27,7 @@ from service import logs
 from service.access import MAX_EXTERNAL_ID, RoleAdmin, UserReader, authorize, check_external_id
 from service.convert import bearer_token, role_from_proto, user_message, verify_response
 from service.errors import DOMAIN, AuthError, InvalidArgument, UserNotFound, status_of
+from service.metrics import DENIALS
 from service.tokens import TokenVerifier, VerifiedToken
 from service.users import UserRecord, UserStore
 
@@ -37,32 +38,27 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
-class _ResponseMemo:
-    """Built responses per token, reused while the verifier and the user cache return the same objects.
+class _ReplyMemo:
+    """Serialized replies per token, reused while the verifier and the user cache return the same objects.
 
     Both cache their results, so a token presented again yields the identical
-    ``VerifiedToken`` and ``UserRecord``; building the message (claims Struct,
-    timestamps) is then most of a call's own cost. Identity, not equality,
-    decides reuse: any new verification or user read builds afresh.
+    ``VerifiedToken`` and ``UserRecord``; building and serializing the reply
+    (claims Struct, timestamps) is then most of a call's own cost, so the bytes
+    are kept and sent as they are (server.py's VerifyToken serializer passes
+    bytes through). Identity, not equality, decides reuse: any new verification
+    or user read builds afresh.
     """
 
     def __init__(self, size: int = 10_000) -> None:
-        self._size = size
-        self._entries: OrderedDict[str, tuple[VerifiedToken, UserRecord | None, authsvc_pb2.VerifyTokenResponse]] = (
-            OrderedDict()
-        )
+        self._entries: LRUCache[str, tuple[VerifiedToken, UserRecord | None, bytes]] = LRUCache(size)
 
-    def get(self, token: str, verified: VerifiedToken, user: UserRecord | None) -> authsvc_pb2.VerifyTokenResponse:
+    def get(self, token: str, verified: VerifiedToken, user: UserRecord | None) -> bytes:
         entry = self._entries.get(token)
         if entry is not None and entry[0] is verified and entry[1] is user:
-            self._entries.move_to_end(token)
             return entry[2]
-        response = verify_response(verified, user)
-        self._entries[token] = (verified, user, response)
-        self._entries.move_to_end(token)
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-        return response
+        reply: bytes = verify_response(verified, user).SerializeToString()
+        self._entries[token] = (verified, user, reply)
+        return reply
 
 
 async def _abort(context: Context, code: grpc.StatusCode, message: str, reason: str) -> NoReturn:
@@ -84,19 +80,25 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
         self._users = users
         self._verifier = verifier
         self._roles = roles
-        self._responses = _ResponseMemo()
+        self._replies = _ReplyMemo()
 
-    async def VerifyToken(
+    # Bytes, not the message: server.py registers VerifyToken with a serializer that sends them as they are.
+    async def VerifyToken(  # type: ignore[override]
         self, request: authsvc_pb2.VerifyTokenRequest, context: Context
-    ) -> authsvc_pb2.VerifyTokenResponse:
-        """Verify a session token; with ``min_role`` (not ROLE_UNSPECIFIED) require that role."""
+    ) -> bytes:
+        """Verify a session token; with ``min_role`` (not ROLE_UNSPECIFIED) require that role.
 
-        async def handle() -> authsvc_pb2.VerifyTokenResponse:
-            min_role = role_from_proto(request.min_role)
-            if min_role is None and request.min_role != authsvc_pb2.ROLE_UNSPECIFIED:
-                raise InvalidArgument(f"min_role {request.min_role} is not a known role")
+        Answers the serialized ``VerifyTokenResponse`` (see :class:`_ReplyMemo`).
+        """
+
+        async def handle() -> bytes:
+            min_role = None
+            if request.min_role != authsvc_pb2.ROLE_UNSPECIFIED:
+                min_role = role_from_proto(request.min_role)
+                if min_role is None:
+                    raise InvalidArgument(f"min_role {request.min_role} is not a known role")
             verified, user = await authorize(self._verifier, self._users, request.token, min_role)
-            return self._responses.get(request.token, verified, user)
+            return self._replies.get(request.token, verified, user)
 
         return await self.serve("VerifyToken", context, handle)
 
@@ -135,6 +137,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
                 return await handle()
             except AuthError as exc:
                 code, reason = status_of(exc)[0], exc.reason
+                DENIALS.labels(rpc, exc.reason).inc()
                 await _abort(context, code, str(exc), exc.reason)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED

@@ -55,3 +55,22 @@ async def until_signalled() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+
+
+@contextlib.asynccontextmanager
+async def shared_database_uri(settings: Settings) -> AsyncIterator[str | None]:
+    """For worker processes: the embedded server, started once for all of them (its URI); None with ``MONGODB_URI``."""
+    if settings.mongodb_uri is not None:
+        yield None
+        return
+    from service.embedded import EmbeddedMongo
+
+    embedded = EmbeddedMongo(settings.data_dir / "mongo")
+    try:
+        await embedded.start()
+    except EmbeddedUnavailable as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        yield embedded.uri
+    finally:
+        embedded.stop()

@@ -18,15 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
+from cachetools import LRUCache
 from pymongo.errors import OperationFailure, PyMongoError
 
 from service.logs import fields
+from service.metrics import USER_CACHE
 from service.users import UserRecord, UserStore
 
 log = logging.getLogger(__name__)
+
+_HIT, _MISS = USER_CACHE.labels("hit"), USER_CACHE.labels("miss")
 
 # Only the key of the changed user travels: fullDocument.externalId.
 _PIPELINE: list[dict[str, Any]] = [{"$project": {"operationType": 1, "documentKey": 1, "fullDocument.externalId": 1}}]
@@ -48,7 +51,7 @@ class UserCache:
         self._max_entries = max_entries
         self._max_age = max_age_s
         self._retry = retry_s
-        self._entries: OrderedDict[str, tuple[float, UserRecord | None]] = OrderedDict()
+        self._entries: LRUCache[str, tuple[float, UserRecord | None]] = LRUCache(max_entries)
         self._generation = 0  # bumped on every invalidation
         self._live = False
         self._task: asyncio.Task[None] | None = None
@@ -82,15 +85,13 @@ class UserCache:
         if self._live:
             entry = self._entries.get(external_id)
             if entry is not None and time.monotonic() - entry[0] < self._max_age:
-                self._entries.move_to_end(external_id)
+                _HIT.inc()
                 return entry[1]
+        _MISS.inc()
         generation = self._generation
         record = await self._store.get(external_id, include_tombstones=True)
         if self._live and generation == self._generation:
             self._entries[external_id] = (time.monotonic(), record)
-            self._entries.move_to_end(external_id)
-            if len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
         return record
 
     def _invalidate(self, external_id: str | None) -> None:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
 LEDGER_TTL = timedelta(days=7)
+LEDGER_WRITE_CONCERN = WriteConcern(w=1, j=False)  # see UserStore.__init__
 
 
 class Outcome(enum.StrEnum):
@@ -153,6 +154,10 @@ class UserStore:
         self._delete_mode = delete_mode
         self.users: AsyncCollection[Document] = db.get_collection("users", write_concern=write_concern)
         self.events: AsyncCollection[Document] = db.get_collection("webhook_events", write_concern=write_concern)
+        # The ledger entry is written after the effect and need not be durable: every effect is
+        # guarded against a repeat (lastSvixId, terminal deletes, forward-only logins), so an entry
+        # lost in a crash only makes a redelivery re-check and answer as before. One fsync less.
+        self._ledger = db.get_collection("webhook_events", write_concern=LEDGER_WRITE_CONCERN)
         self.role_changes: AsyncCollection[Document] = db.get_collection("role_changes", write_concern=write_concern)
         self.leases: AsyncCollection[Document] = db.get_collection("leases", write_concern=write_concern)
 
@@ -186,7 +191,7 @@ class UserStore:
         }
         async with _translate():
             try:
-                await self.events.insert_one(entry)
+                await self._ledger.insert_one(entry)
             except DuplicateKeyError:
                 return False
         return True

@@ -9,8 +9,10 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from service import exposition
 from service.errors import AuthError, InvalidArgument, PayloadTooLarge, status_of
 from service.logs import fields
+from service.metrics import WEBHOOK_DELIVERIES, WEBHOOK_DELIVERY_SECONDS
 from service.settings import Settings
 from service.users import UserStore
 from webhook.deliveries import apply, plan
@@ -80,7 +82,10 @@ async def receive(request: web.Request) -> web.Response:
         log.exception("webhook delivery failed", extra=fields(**line))
         status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
         line["outcome"] = "error"
-    line.update(status=int(status), duration_ms=round((time.perf_counter() - started) * 1000, 2))
+    elapsed = time.perf_counter() - started
+    WEBHOOK_DELIVERIES.labels(line["type"] or "unknown", line["outcome"]).inc()
+    WEBHOOK_DELIVERY_SECONDS.observe(elapsed)
+    line.update(status=int(status), duration_ms=round(elapsed * 1000, 2))
     log.info("webhook delivery", extra=fields(**line))
     return web.json_response(payload, status=status)
 
@@ -103,4 +108,5 @@ def create_app(settings: Settings, store: UserStore) -> web.Application:
     app.router.add_post(settings.webhook_path, receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get(exposition.PATH, exposition.metrics)
     return app

@@ -7,9 +7,10 @@ from service.settings import Settings
 
 
 async def _serve(settings: Settings) -> None:
+    from service.workers import serve
     from webhook.main import run_webhook
 
-    await run_webhook(settings)
+    await serve("webhook", run_webhook, settings)
 
 
 WEBHOOK = Command(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
@@ -20,8 +20,13 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def sidecar(settings: Settings, store: UserStore, routes: Sequence[web.RouteDef] = ()) -> AsyncIterator[int]:
-    """Serve the sidecar on ``AUTHSVC_WEBHOOK_ADDR`` until the block exits; yields the bound port."""
+async def sidecar(
+    settings: Settings, store: UserStore, routes: Sequence[web.RouteDef] = (), *, reuse_port: bool = False
+) -> AsyncIterator[int]:
+    """Serve the sidecar on ``AUTHSVC_WEBHOOK_ADDR`` until the block exits; yields the bound port.
+
+    ``reuse_port`` (``SO_REUSEPORT``) only for the workers of one ``authsvc webhook``.
+    """
     app = create_app(settings, store)
     app.add_routes(list(routes))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
@@ -29,7 +34,7 @@ async def sidecar(settings: Settings, store: UserStore, routes: Sequence[web.Rou
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(runner.cleanup)
         host, port = split_addr(settings.webhook_addr)
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         try:
             await site.start()
         except OSError as exc:
@@ -54,7 +59,13 @@ async def _periodic_repair(settings: Settings, store: UserStore, stack: contextl
     stack.push_async_callback(repairer.close)
 
 
-async def run_webhook(settings: Settings) -> None:
-    """``authsvc webhook``: serve until SIGTERM/SIGINT."""
-    async with user_store(settings) as store, sidecar(settings, store):
+async def run_webhook(settings: Settings, *, worker: bool = False, on_ready: Callable[[], None] | None = None) -> None:
+    """``authsvc webhook``: serve until SIGTERM/SIGINT.
+
+    ``worker``: one of several workers (:mod:`service.workers`) sharing the
+    address with ``SO_REUSEPORT``; ``on_ready`` is called once serving.
+    """
+    async with user_store(settings) as store, sidecar(settings, store, reuse_port=worker):
+        if on_ready is not None:
+            on_ready()
         await until_signalled()
