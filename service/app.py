@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from service.access import RoleAdmin, UserReader
 from service.clerkapi import ClerkBackend
-from service.jit import JitUsers
 from service.exposition import metrics_server
+from service.jit import JitUsers
 from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
 from service.settings import Settings
