@@ -86,15 +86,23 @@ def run_until_done(factory: Callable[[], Awaitable[None]]) -> int:
     return 0
 
 
-def execute(command: Command) -> int:
-    """Load the settings (every problem at once, exit 2), set up logging, run ``command``."""
+def prepare(command: Command) -> Settings | None:
+    """The settings of ``command`` with logging set up; None after printing every problem (exit 2)."""
     try:
         settings = load(check=command.check)
     except SettingsError as exc:
         for problem in exc.problems:
             print(f"authsvc: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return None
     logs.setup(settings.log_level)
+    return settings
+
+
+def execute(command: Command) -> int:
+    """Load the settings (every problem at once, exit 2), set up logging, run ``command``."""
+    settings = prepare(command)
+    if settings is None:
+        return EXIT_CONFIG
     with contextlib.suppress(BrokenPipeError):
         return run_until_done(lambda: command.run(settings))
     return 0

@@ -6,11 +6,9 @@ The reconcile itself is :mod:`service.sync`, imported only when the command runs
 from __future__ import annotations
 
 import asyncio
-import sys
 
-from service import logs
-from service.command import DATABASE, EXIT_CONFIG, Command
-from service.settings import Settings, SettingsError, load
+from service.command import DATABASE, EXIT_CONFIG, Command, prepare
+from service.settings import Settings
 
 
 async def _sync(settings: Settings) -> None:
@@ -38,13 +36,9 @@ SYNC = Command(
 
 def main(*, dry_run: bool = False, prune: bool = False) -> int:
     """Load the settings (every problem at once, exit 2), set up logging, run the sync; its exit code."""
-    try:
-        settings = load(check=SYNC.check)
-    except SettingsError as exc:
-        for problem in exc.problems:
-            print(f"authsvc: {problem}", file=sys.stderr)
+    settings = prepare(SYNC)
+    if settings is None:
         return EXIT_CONFIG
-    logs.setup(settings.log_level)
     from service.sync import run_sync
 
     try:

@@ -21,6 +21,7 @@ from service.database import Database, durable_write_concern, make_client
 from service.embedded import EmbeddedMongo
 from service.settings import Settings
 from service.users import UserStore
+from tests.fakeclerk import FakeClerk
 from tests.issuer import LocalIssuer
 
 # Property tests: a quick profile for `make test`, ten times more (and more) for `make fuzz`.
@@ -82,3 +83,10 @@ async def issuer() -> AsyncIterator[LocalIssuer]:
     """A local JWKS issuer on a loopback port (take it down, slow it, rotate its keys)."""
     async with LocalIssuer() as issuer:
         yield issuer
+
+
+@pytest.fixture
+async def fake_clerk() -> AsyncIterator[FakeClerk]:
+    """A fake Clerk Backend API on a loopback port (users, pages, 429s, outages on demand)."""
+    async with FakeClerk() as clerk:
+        yield clerk

@@ -16,14 +16,8 @@ from tests.fakeclerk import SECRET, FakeClerk
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeClerk]:
-    async with FakeClerk() as clerk:
-        yield clerk
-
-
-@pytest.fixture
-async def client(fake: FakeClerk) -> AsyncIterator[ClerkBackend]:
-    backend = ClerkBackend(fake.url, SECRET, attempts=3, backoff_s=0.01, max_backoff_s=0.02)
+async def client(fake_clerk: FakeClerk) -> AsyncIterator[ClerkBackend]:
+    backend = ClerkBackend(fake_clerk.url, SECRET, attempts=3, backoff_s=0.01, max_backoff_s=0.02)
     yield backend
     await backend.close()
 
@@ -45,37 +39,37 @@ def test_retry_after_as_an_http_date() -> None:
     assert 25.0 <= retry_after_seconds(when, cap_s=60.0) <= 30.0
 
 
-async def test_get_user_quotes_the_id_as_one_path_segment(fake: FakeClerk, client: ClerkBackend) -> None:
+async def test_get_user_quotes_the_id_as_one_path_segment(fake_clerk: FakeClerk, client: ClerkBackend) -> None:
     odd = "user_a/../count?x=1"
-    fake.add_user(odd, first_name="Odd")
+    fake_clerk.add_user(odd, first_name="Odd")
     user = await client.get_user(odd)
     assert (user["id"], user["first_name"]) == (odd, "Odd")
 
 
-async def test_answers_are_mapped_once(fake: FakeClerk, client: ClerkBackend) -> None:
-    fake.add_user("user_1")
+async def test_answers_are_mapped_once(fake_clerk: FakeClerk, client: ClerkBackend) -> None:
+    fake_clerk.add_user("user_1")
     with pytest.raises(ClerkUserNotFound):
         await client.get_user("user_nobody")
-    fake.answer_next = [422]
+    fake_clerk.answer_next = [422]
     with pytest.raises(ClerkRejected, match="HTTP 422: form_param_value_invalid"):
         await client.set_role("user_1", Role.ADMIN)
-    fake.answer_next = [404]  # a 404 on a listing is a wrong URL, not a missing user
+    fake_clerk.answer_next = [404]  # a 404 on a listing is a wrong URL, not a missing user
     with pytest.raises(ClerkRejected):
         await client.count_users()
-    fake.secret = "sk_test_rotated"
+    fake_clerk.secret = "sk_test_rotated"
     with pytest.raises(ClerkKeyRefused, match=r"HTTP 401"):
         await client.list_users(offset=0)
-    assert len(fake.seen) == 4  # none of these is retried
+    assert len(fake_clerk.seen) == 4  # none of these is retried
 
 
-async def test_5xx_backs_off_a_bounded_number_of_times(fake: FakeClerk, client: ClerkBackend) -> None:
+async def test_5xx_backs_off_a_bounded_number_of_times(fake_clerk: FakeClerk, client: ClerkBackend) -> None:
     before = counted("count_users", "503")
-    fake.answer_next = [503, 503]
+    fake_clerk.answer_next = [503, 503]
     assert await client.count_users() == 0  # the third attempt answers
-    fake.answer_next = [503, 503, 503, 503]
+    fake_clerk.answer_next = [503, 503, 503, 503]
     with pytest.raises(ClerkUnavailable, match=r"count_users \(HTTP 503\)"):
         await client.count_users()
-    assert len(fake.requests("/v1/users/count")) == 6
+    assert len(fake_clerk.requests("/v1/users/count")) == 6
     assert counted("count_users", "503") - before == 5
 
 
@@ -90,16 +84,16 @@ async def test_a_connection_refused_is_unavailable_and_counted(client: ClerkBack
     assert counted("get_user", "error") - before == 2
 
 
-async def test_set_role_merges_public_metadata(fake: FakeClerk, client: ClerkBackend) -> None:
-    fake.add_user("user_1", role="staff")
-    fake.users["user_1"]["public_metadata"]["team"] = "blue"
+async def test_set_role_merges_public_metadata(fake_clerk: FakeClerk, client: ClerkBackend) -> None:
+    fake_clerk.add_user("user_1", role="staff")
+    fake_clerk.users["user_1"]["public_metadata"]["team"] = "blue"
     await client.set_role("user_1", Role.SUPERADMIN)
-    assert fake.users["user_1"]["public_metadata"] == {"role": "superadmin", "team": "blue"}
-    assert fake.metadata_patches == [("user_1", {"public_metadata": {"role": "superadmin"}}, f"Bearer {SECRET}")]
+    assert fake_clerk.users["user_1"]["public_metadata"] == {"role": "superadmin", "team": "blue"}
+    assert fake_clerk.metadata_patches == [("user_1", {"public_metadata": {"role": "superadmin"}}, f"Bearer {SECRET}")]
 
 
-async def test_a_closed_client_opens_no_new_session(fake: FakeClerk) -> None:
-    backend = ClerkBackend(fake.url, SECRET)
+async def test_a_closed_client_opens_no_new_session(fake_clerk: FakeClerk) -> None:
+    backend = ClerkBackend(fake_clerk.url, SECRET)
     assert await backend.count_users() == 0
     await backend.close()
     with pytest.raises(ClerkUnavailable, match="closed"):

@@ -56,14 +56,6 @@ def bare_servicer(settings: Settings, store: UserStore) -> AuthServicer:
 
 
 @pytest.fixture
-async def fake_clerk() -> AsyncIterator[FakeClerk]:
-    clerk = FakeClerk()
-    await clerk.start()
-    yield clerk
-    await clerk.stop()
-
-
-@pytest.fixture
 async def h(settings: Settings, store: UserStore, issuer: LocalIssuer, fake_clerk: FakeClerk) -> AsyncIterator[Harness]:
     async with serve(settings, store, issuer, clerk=fake_clerk) as harness:
         yield harness

@@ -26,21 +26,15 @@ AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
 
 
 @pytest.fixture
-async def clerk() -> AsyncIterator[FakeClerk]:
-    async with FakeClerk() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def client(clerk: FakeClerk) -> AsyncIterator[ClerkBackend]:
+async def client(fake_clerk: FakeClerk) -> AsyncIterator[ClerkBackend]:
     """The real client, with retries short enough for tests."""
-    backend = ClerkBackend(clerk.url, SECRET, attempts=3, backoff_s=0.01, max_backoff_s=0.05)
+    backend = ClerkBackend(fake_clerk.url, SECRET, attempts=3, backoff_s=0.01, max_backoff_s=0.05)
     yield backend
     await backend.close()
 
 
-def sync_settings(settings: Settings, clerk: FakeClerk) -> Settings:
-    return settings.model_copy(update={"clerk_api_url": clerk.url, "clerk_secret_key": SECRET})
+def sync_settings(settings: Settings, fake_clerk: FakeClerk) -> Settings:
+    return settings.model_copy(update={"clerk_api_url": fake_clerk.url, "clerk_secret_key": SECRET})
 
 
 async def dump(store: UserStore) -> dict[str, list[dict[str, Any]]]:
@@ -70,9 +64,9 @@ def mirrored(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_backfill_mirrors_every_user_field_by_field_and_a_rerun_writes_nothing(
-    clerk: FakeClerk, client: ClerkBackend, store: UserStore
+    fake_clerk: FakeClerk, client: ClerkBackend, store: UserStore
 ) -> None:
-    users = clerk.add_users(2_000)
+    users = fake_clerk.add_users(2_000)
     created_before = REGISTRY.get_sample_value("authsvc_sync_users_total", {"outcome": "created"}) or 0.0
     first = await reconcile(client, store)
     assert REGISTRY.get_sample_value("authsvc_sync_users_total", {"outcome": "created"}) == created_before + 2000
@@ -82,10 +76,10 @@ async def test_backfill_mirrors_every_user_field_by_field_and_a_rerun_writes_not
     for user in users:
         assert mirrored(stored[user["id"]]) == expected(user), user["id"]
     # Pages were asked oldest first, 500 at a time, and the count once.
-    pages = clerk.requests("/v1/users")
+    pages = fake_clerk.requests("/v1/users")
     assert [p.query["offset"] for p in pages] == ["0", "500", "1000", "1500", "2000"]
     assert {(p.query["limit"], p.query["order_by"]) for p in pages} == {("500", "+created_at")}
-    assert len(clerk.requests("/v1/users/count")) == 1
+    assert len(fake_clerk.requests("/v1/users/count")) == 1
 
     before = await dump(store)
     again = await reconcile(client, store)
@@ -94,13 +88,13 @@ async def test_backfill_mirrors_every_user_field_by_field_and_a_rerun_writes_not
 
 
 async def test_clerk_newer_applies_mongodb_newer_and_tombstones_stay(
-    clerk: FakeClerk, client: ClerkBackend, store: UserStore
+    fake_clerk: FakeClerk, client: ClerkBackend, store: UserStore
 ) -> None:
-    clerk.add_user("user_clerk_newer", role="staff")
-    clerk.add_user("user_mongo_newer", first_name="Old")
-    clerk.add_user("user_deleted")
+    fake_clerk.add_user("user_clerk_newer", role="staff")
+    fake_clerk.add_user("user_mongo_newer", first_name="Old")
+    fake_clerk.add_user("user_deleted")
     await reconcile(client, store)
-    clerk.update_user("user_clerk_newer", role="admin", first_name="Grace")
+    fake_clerk.update_user("user_clerk_newer", role="admin", first_name="Grace")
     # A webhook got there first with a newer state than the one Clerk will list.
     newer = UserProfile("user_mongo_newer", "Newest", None, Role.STAFF, True, datetime.now(UTC) + timedelta(days=1))
     await store.upsert_from_clerk(newer, "msg_1")
@@ -119,14 +113,14 @@ async def test_clerk_newer_applies_mongodb_newer_and_tombstones_stay(
 
 
 async def test_dry_run_leaves_the_database_byte_identical_and_predicts_the_summary(
-    clerk: FakeClerk, client: ClerkBackend, store: UserStore
+    fake_clerk: FakeClerk, client: ClerkBackend, store: UserStore
 ) -> None:
-    clerk.add_users(40)
+    fake_clerk.add_users(40)
     await reconcile(client, store, page_size=7)
     for i in range(0, 40, 4):
-        clerk.update_user(f"user_{i:05d}", role="superadmin")
-    clerk.add_users(5, prefix="user_new_")
-    clerk.delete_user("user_00003")
+        fake_clerk.update_user(f"user_{i:05d}", role="superadmin")
+    fake_clerk.add_users(5, prefix="user_new_")
+    fake_clerk.delete_user("user_00003")
     await store.delete("user_00005")
     before = await dump(store)
 
@@ -137,14 +131,14 @@ async def test_dry_run_leaves_the_database_byte_identical_and_predicts_the_summa
 
 
 async def test_prune_deletes_exactly_the_users_gone_from_clerk(
-    clerk: FakeClerk, client: ClerkBackend, store: UserStore, settings: Settings
+    fake_clerk: FakeClerk, client: ClerkBackend, store: UserStore, settings: Settings
 ) -> None:
-    clerk.add_users(12)
+    fake_clerk.add_users(12)
     await reconcile(client, store, page_size=5)
     await store.delete("user_00001")  # already deleted: a tombstone is not pruned again
-    clerk.delete_user("user_00001")
-    clerk.delete_user("user_00002")  # gone from Clerk: pruned
-    clerk.delete_user("user_00011")  # gone from Clerk: pruned
+    fake_clerk.delete_user("user_00001")
+    fake_clerk.delete_user("user_00002")  # gone from Clerk: pruned
+    fake_clerk.delete_user("user_00011")  # gone from Clerk: pruned
 
     async def meanwhile(offset: int) -> None:
         if offset == 5:
@@ -154,17 +148,17 @@ async def test_prune_deletes_exactly_the_users_gone_from_clerk(
             # A deletion in Clerk shifts the later pages back by one: user_00007 moves from offset 5 to 4,
             # which was already served, so the listing misses it. Clerk still has it: it is not pruned.
             # (user_00000 was listed on the first page: its own user.deleted webhook will delete it.)
-            clerk.delete_user("user_00000")
+            fake_clerk.delete_user("user_00000")
 
-    clerk.on_list = meanwhile
+    fake_clerk.on_list = meanwhile
     summary = await reconcile(client, store, prune=True, page_size=5)
-    clerk.on_list = None
+    fake_clerk.on_list = None
 
     assert (summary.listed, summary.pruned) == (8, 2)
     deleted = {doc["externalId"] async for doc in store.users.find({"deletedAt": {"$exists": True}})}
     assert deleted == {"user_00001", "user_00002", "user_00011"}
     # Asked about each candidate before pruning it: the two gone (404) and the one the listing missed.
-    assert len(clerk.requests("/v1/users/{id}")) == 3
+    assert len(fake_clerk.requests("/v1/users/{id}")) == 3
     late = await store.get("user_late")
     assert late is not None and late.is_active
     missed = await store.get("user_00007")
@@ -175,11 +169,11 @@ async def test_prune_deletes_exactly_the_users_gone_from_clerk(
 
 
 async def test_hard_delete_mode_prunes_to_a_tombstone(
-    clerk: FakeClerk, client: ClerkBackend, settings: Settings, store: UserStore
+    fake_clerk: FakeClerk, client: ClerkBackend, settings: Settings, store: UserStore
 ) -> None:
-    clerk.add_users(3)
+    fake_clerk.add_users(3)
     await reconcile(client, store)
-    clerk.delete_user("user_00001")
+    fake_clerk.delete_user("user_00001")
     hard = UserStore(store.users.database, write_concern=store.users.write_concern, delete_mode="hard")
     assert (await reconcile(client, hard, prune=True)).pruned == 1
     assert await store.get("user_00001") is None  # erased: only a tombstone remains
@@ -187,14 +181,14 @@ async def test_hard_delete_mode_prunes_to_a_tombstone(
 
 
 async def test_a_listing_that_fails_halfway_prunes_nothing_and_exits_1(
-    clerk: FakeClerk, client: ClerkBackend, store: UserStore, settings: Settings
+    fake_clerk: FakeClerk, client: ClerkBackend, store: UserStore, settings: Settings
 ) -> None:
-    await store.users.insert_many([mirror(user) for user in clerk.add_users(1_000)])  # synced before
-    clerk.delete_user("user_00000")  # gone from Clerk: --prune would delete it after a complete listing
-    clerk.update_user("user_00001", first_name="Changed")
-    clerk.fail_from_offset = 500  # the second page of 500 keeps failing
+    await store.users.insert_many([mirror(user) for user in fake_clerk.add_users(1_000)])  # synced before
+    fake_clerk.delete_user("user_00000")  # gone from Clerk: --prune would delete it after a complete listing
+    fake_clerk.update_user("user_00001", first_name="Changed")
+    fake_clerk.fail_from_offset = 500  # the second page of 500 keeps failing
     out, err = io.StringIO(), io.StringIO()
-    code = await run_sync(sync_settings(settings, clerk), prune=True, out=out, err=err, clerk=client)
+    code = await run_sync(sync_settings(settings, fake_clerk), prune=True, out=out, err=err, clerk=client)
     assert code == 1
     assert err.getvalue() == (
         "authsvc sync: stopped at offset 500 (listed 500 of 999): "
@@ -211,33 +205,33 @@ async def test_a_listing_that_fails_halfway_prunes_nothing_and_exits_1(
 
 @pytest.mark.parametrize("retry_after", ["1", None])
 async def test_a_429_waits_its_retry_after_then_retries(
-    clerk: FakeClerk, client: ClerkBackend, store: UserStore, retry_after: str | None
+    fake_clerk: FakeClerk, client: ClerkBackend, store: UserStore, retry_after: str | None
 ) -> None:
-    clerk.add_users(3)
-    clerk.retry_after = retry_after  # None: absent, and the client waits 1 s
-    clerk.answer_next = [429]
+    fake_clerk.add_users(3)
+    fake_clerk.retry_after = retry_after  # None: absent, and the client waits 1 s
+    fake_clerk.answer_next = [429]
     summary = await reconcile(client, store)
     assert summary.created == 3
-    first, second = clerk.requests("/v1/users/count")
+    first, second = fake_clerk.requests("/v1/users/count")
     assert (first.status, second.status) == (429, 200)
     assert second.at - first.at >= 1.0  # the fake saw the wait
 
 
 async def test_429s_beyond_the_bound_are_clerk_unavailable(
-    clerk: FakeClerk, store: UserStore, settings: Settings
+    fake_clerk: FakeClerk, store: UserStore, settings: Settings
 ) -> None:
-    clerk.add_users(3)
-    clerk.retry_after = "0"
-    clerk.answer_next = [429] * 5
-    backend = ClerkBackend(clerk.url, SECRET, rate_limit_attempts=3)
+    fake_clerk.add_users(3)
+    fake_clerk.retry_after = "0"
+    fake_clerk.answer_next = [429] * 5
+    backend = ClerkBackend(fake_clerk.url, SECRET, rate_limit_attempts=3)
     out, err = io.StringIO(), io.StringIO()
     try:
-        code = await run_sync(sync_settings(settings, clerk), out=out, err=err, clerk=backend)
+        code = await run_sync(sync_settings(settings, fake_clerk), out=out, err=err, clerk=backend)
     finally:
         await backend.close()
     assert code == 1
     assert err.getvalue() == "authsvc sync: stopped before listing: Clerk kept rate-limiting count_users (HTTP 429)\n"
-    assert len(clerk.requests("/v1/users/count")) == 3
+    assert len(fake_clerk.requests("/v1/users/count")) == 3
 
 
 # --- the command, as an operator runs it ---------------------------------------------------
@@ -256,20 +250,20 @@ async def test_missing_key_exits_2_with_one_line(settings: Settings, mongo: Embe
 
 
 async def test_refused_key_exits_2_with_one_line(
-    clerk: FakeClerk, settings: Settings, mongo: EmbeddedMongo, tmp_path: Path
+    fake_clerk: FakeClerk, settings: Settings, mongo: EmbeddedMongo, tmp_path: Path
 ) -> None:
-    clerk.add_users(3)
-    env = cli_env(settings, mongo, CLERK_API_URL=clerk.url, CLERK_SECRET_KEY="sk_test_wrong")
+    fake_clerk.add_users(3)
+    env = cli_env(settings, mongo, CLERK_API_URL=fake_clerk.url, CLERK_SECRET_KEY="sk_test_wrong")
     code, out, err = await run_cli(env, tmp_path)
     assert (code, out) == (2, "")
     assert err == "authsvc: Clerk refused CLERK_SECRET_KEY (HTTP 401)\n"
 
 
 async def test_the_command_prints_json_progress_then_the_summary(
-    clerk: FakeClerk, settings: Settings, store: UserStore, mongo: EmbeddedMongo, tmp_path: Path
+    fake_clerk: FakeClerk, settings: Settings, store: UserStore, mongo: EmbeddedMongo, tmp_path: Path
 ) -> None:
-    clerk.add_users(600)
-    env = cli_env(settings, mongo, CLERK_API_URL=clerk.url, CLERK_SECRET_KEY=SECRET)
+    fake_clerk.add_users(600)
+    env = cli_env(settings, mongo, CLERK_API_URL=fake_clerk.url, CLERK_SECRET_KEY=SECRET)
     code, out, err = await run_cli(env, tmp_path, "--dry-run")
     assert code == 0, err
     assert await store.users.count_documents({}) == 0
