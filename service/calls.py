@@ -54,13 +54,18 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return wrapped
 
 
+async def abort(context: Context, code: grpc.StatusCode, message: str, reason: str) -> NoReturn:
+    """End the call with ``code``, ``message`` and the authsvc ``google.rpc.ErrorInfo`` carrying ``reason``."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("abort_with_status returns only by raising")
+
+
 async def _refuse(context: Context, method: str, bad: _Undecodable) -> NoReturn:
     error = InvalidArgument("request message does not decode")
     log.info("rpc", extra=fields(method=method, code="INVALID_ARGUMENT", reason=error.reason, error=bad.error))
-    status = status_pb2.Status(code=status_of(error)[0].value[0], message=str(error))
-    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN))
-    await context.abort_with_status(rpc_status.to_status(status))
-    raise AssertionError("abort_with_status returns only by raising")
+    await abort(context, status_of(error)[0], str(error), error.reason)
 
 
 class CallGuard(grpc.aio.ServerInterceptor):

@@ -15,18 +15,17 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, NoReturn, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from cachetools import LRUCache
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service import logs
 from service.access import MAX_EXTERNAL_ID, RoleAdmin, UserReader, authorize, check_external_id
+from service.calls import abort
 from service.convert import bearer_token, role_from_proto, user_message, verify_response
-from service.errors import DOMAIN, AuthError, InvalidArgument, UserNotFound, status_of
+from service.errors import AuthError, InvalidArgument, UserNotFound, status_of
 from service.metrics import DENIALS
 from service.tokens import TokenVerifier, VerifiedToken
 from service.users import UserRecord, UserStore
@@ -59,13 +58,6 @@ class _ReplyMemo:
         reply: bytes = verify_response(verified, user).SerializeToString()
         self._entries[token] = (verified, user, reply)
         return reply
-
-
-async def _abort(context: Context, code: grpc.StatusCode, message: str, reason: str) -> NoReturn:
-    status = status_pb2.Status(code=code.value[0], message=message)
-    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
-    await context.abort_with_status(rpc_status.to_status(status))
-    raise AssertionError("abort_with_status returns only by raising")
 
 
 class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
@@ -138,7 +130,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
             except AuthError as exc:
                 code, reason = status_of(exc)[0], exc.reason
                 DENIALS.labels(rpc, exc.reason).inc()
-                await _abort(context, code, str(exc), exc.reason)
+                await abort(context, code, str(exc), exc.reason)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -146,7 +138,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
                 failure = (type(exc), exc, exc.__traceback__)
                 code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
                 request_id = os.urandom(8).hex()
-                await _abort(context, code, f"internal error (request id {request_id})", "INTERNAL")
+                await abort(context, code, f"internal error (request id {request_id})", "INTERNAL")
             finally:
                 _log(rpc, context, code, reason, failure, request_id, started, bound)
 
