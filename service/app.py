@@ -59,7 +59,7 @@ async def grpc_service(
         await verifier.start()
         clerk = None
         if settings.clerk_secret_key:
-            clerk = ClerkBackend(settings.clerk_api_url, settings.clerk_secret_key)
+            clerk = ClerkBackend.for_calls(settings.clerk_api_url, settings.clerk_secret_key)
             stack.push_async_callback(clerk.close)
         users = UserCache(store)
         stack.push_async_callback(users.close)

@@ -101,6 +101,25 @@ class ClerkBackend:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
+    @classmethod
+    def for_calls(cls, api_url: str, secret_key: str) -> ClerkBackend:
+        """The policy for requests a caller waits on (SetRole's write-through, JIT fetches).
+
+        A sync can wait minutes for Clerk's rate limit; a gRPC caller cannot. Here
+        one retry at most, a 429 waits at most 1 s, and each attempt times out in
+        3 s, so a Clerk outage is answered ``CLERK_UNAVAILABLE`` within about 7 s.
+        """
+        return cls(
+            api_url,
+            secret_key,
+            timeout_s=3.0,
+            attempts=2,
+            backoff_s=0.2,
+            max_backoff_s=0.5,
+            rate_limit_attempts=2,
+            max_retry_after_s=1.0,
+        )
+
     async def close(self) -> None:
         """Close the HTTP session; a request after this (or racing it) is :class:`ClerkUnavailable`."""
         self._closed = True

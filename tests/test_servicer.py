@@ -470,7 +470,9 @@ async def test_non_bearer_authorization_is_malformed(h: Harness) -> None:
 
 CLERK_ANSWERS: dict[str, tuple[int | None, grpc.StatusCode, str, int]] = {
     # name: (status the fake answers (None: the user is not in Clerk), code, reason, PATCH attempts)
-    "5xx until retries run out": (500, grpc.StatusCode.UNAVAILABLE, "CLERK_UNAVAILABLE", 4),
+    # A caller waits on SetRole: one retry at most (ClerkBackend.for_calls), never a sync's patience.
+    "5xx until retries run out": (500, grpc.StatusCode.UNAVAILABLE, "CLERK_UNAVAILABLE", 2),
+    "rate limited, Retry-After 30 s": (429, grpc.StatusCode.UNAVAILABLE, "CLERK_UNAVAILABLE", 2),
     "no such user in Clerk": (None, grpc.StatusCode.FAILED_PRECONDITION, "CLERK_USER_NOT_FOUND", 1),
     "422 from Clerk": (422, grpc.StatusCode.FAILED_PRECONDITION, "CLERK_REJECTED", 1),
     "400 from Clerk": (400, grpc.StatusCode.FAILED_PRECONDITION, "CLERK_REJECTED", 1),
@@ -489,10 +491,13 @@ async def test_clerk_write_through_failure_changes_nothing(h: Harness, fake_cler
         fake_clerk.fail = True
     elif status == 401:
         fake_clerk.secret = "sk_test_rotated"
+    elif status == 429:
+        fake_clerk.retry_after = "30"  # honoured, the call would outlive its 10 s deadline below
+        fake_clerk.answer_next = [429, 429]
     else:
         fake_clerk.answer_next = [status]
     code, reason, _ = await rpc_error(
-        h.stub.SetRole(pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_ADMIN), metadata=h.bearer(SA))
+        h.stub.SetRole(pb.SetRoleRequest(external_id=STAFF, role=pb.ROLE_ADMIN), metadata=h.bearer(SA), timeout=10)
     )
     assert (code, reason) == (want_code, want_reason)
     assert len(fake_clerk.requests("/v1/users/{id}/metadata", "PATCH")) == attempts
