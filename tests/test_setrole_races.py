@@ -12,23 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import itertools
 import random
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 
 from authsvc_client.v1 import authsvc_pb2 as pb
+from service.clerkapi import ClerkBackend
 from service.clerkuser import profile_of
+from service.errors import ClerkUnavailable, DatabaseUnavailable
+from service.rolechanges import RoleChanges
 from service.roles import Role
 from service.settings import Settings
 from service.users import UserStore
 from tests.conftest import open_test_database
-from tests.fakeclerk import FakeClerk
-from tests.grpc_helpers import Harness, reason_of, serve
+from tests.fakeclerk import SECRET, FakeClerk
+from tests.grpc_helpers import Harness, reason_of, seed, serve
 from tests.issuer import LocalIssuer
 
 A, B, C, U = "user_a", "user_b", "user_c", "user_u"
+HOUR = timedelta(hours=1)
 Outcome = pb.User | grpc.aio.AioRpcError
 
 
@@ -84,9 +91,12 @@ async def assert_superadmin_remains(store: UserStore, clerk: FakeClerk | None) -
         ), "no active superadmin left in Clerk"
 
 
-async def assert_no_revert(store: UserStore) -> None:
-    reverts = [doc async for doc in store.role_changes.find({"via": "grpc-revert"}, {"_id": 0, "at": 0})]
-    assert reverts == []
+async def assert_audit_chain(store: UserStore, user: str, final: Role) -> None:
+    """The audit holds the changes that happened to ``user``, in order: each from the last one's role, no revert."""
+    changes = [doc async for doc in store.role_changes.find({"externalId": user}).sort("_id", 1)]
+    assert all(doc["via"] != "grpc-revert" and doc["from"] != doc["to"] for doc in changes), changes
+    assert all(prev["to"] == doc["from"] for prev, doc in itertools.pairwise(changes)), changes
+    assert changes and changes[-1]["to"] == final.wire
 
 
 def refused(outcome: Outcome) -> str | None:
@@ -120,7 +130,7 @@ async def test_a_demotion_slowed_by_clerk_cannot_remove_the_last_superadmin(
     roles = await assert_agree(store, fake_clerk, (A, B))
     # Serialized per user, the promotion comes last and stands.
     assert roles[B] is Role.SUPERADMIN
-    await assert_no_revert(store)
+    await assert_audit_chain(store, B, Role.SUPERADMIN)
 
 
 @pytest.mark.parametrize("with_clerk", [True, False], ids=["clerk", "mongodb-only"])
@@ -147,7 +157,8 @@ async def test_superadmins_demoting_each_other_never_see_an_ok_undone(
                     assert roles[target] is Role.ADMIN, f"{caller} demoted {target}: OK, then undone"
             assert list(roles.values()).count(Role.SUPERADMIN) == 1
             await assert_superadmin_remains(store, clerk)
-    await assert_no_revert(store)
+    for user, role in roles.items():
+        await assert_audit_chain(store, user, role)
 
 
 async def test_two_changes_to_one_user_leave_clerk_and_mongodb_agreeing(
@@ -162,7 +173,8 @@ async def test_two_changes_to_one_user_leave_clerk_and_mongodb_agreeing(
         for _ in range(10):
             outcomes = await asyncio.gather(set_role(one, A, U, Role.STAFF), set_role(two, A, U, Role.ADMIN))
             assert [refused(o) for o in outcomes] == [None, None]
-            await assert_agree(store, fake_clerk, (A, U))
+            roles = await assert_agree(store, fake_clerk, (A, U))
+    await assert_audit_chain(store, U, roles[U])
 
 
 async def test_a_late_webhook_cannot_undo_a_set_role(
@@ -172,9 +184,101 @@ async def test_a_late_webhook_cannot_undo_a_set_role(
     async with serve(settings, store, issuer, clerk=fake_clerk) as h:
         await h.seed(A, Role.SUPERADMIN)
         await h.seed(U, Role.STAFF)
-        older = fake_clerk.update_user(U, first_name="Renamed")  # its user.updated is still on its way
-        await set_role(h, A, U, Role.ADMIN)
+        # Renamed in Clerk: its user.updated (staff, this updated_at) is still on its way.
+        older = copy.deepcopy(fake_clerk.update_user(U, first_name="Renamed"))
+        assert refused(await set_role(h, A, U, Role.ADMIN)) is None
     outcome = await store.upsert_from_clerk(profile_of(older), "msg_late")
     assert not outcome.applied
     assert await assert_agree(store, fake_clerk, (U,)) == {U: Role.ADMIN}
 
+
+async def test_a_caller_that_goes_away_does_not_cut_the_change_between_clerk_and_mongodb(
+    settings: Settings, store: UserStore, issuer: LocalIssuer, fake_clerk: FakeClerk
+) -> None:
+    async with serve(settings, store, issuer, clerk=fake_clerk) as h:
+        await h.seed(A, Role.SUPERADMIN)
+        await h.seed(U, Role.STAFF)
+        answer = fake_clerk.hold("PATCH", U, applied=True)  # Clerk made the change; its answer is slow
+        request = pb.SetRoleRequest(external_id=U, role=pb.ROLE_ADMIN)
+        call = h.stub.SetRole(request, metadata=h.bearer(A), timeout=5)
+        async with asyncio.timeout(10):
+            await answer.arrived.wait()
+        call.cancel()  # the caller gives up: its change carries on
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        answer.release()
+        async with asyncio.timeout(5):
+            while await mongo_role(store, U) is not Role.ADMIN:
+                await asyncio.sleep(0.02)
+        assert await assert_agree(store, fake_clerk, (U,)) == {U: Role.ADMIN}
+        assert refused(await set_role(h, A, U, Role.STAFF)) is None  # its leases were released
+
+
+# --- the change itself (RoleChanges), with a Clerk client of short timeouts -------------
+@pytest.fixture
+async def short_clerk(fake_clerk: FakeClerk) -> AsyncIterator[ClerkBackend]:
+    client = ClerkBackend(fake_clerk.url, SECRET, timeout_s=0.3, attempts=1)
+    yield client
+    await client.close()
+
+
+async def mirrored(store: UserStore, clerk: FakeClerk, user_id: str, role: Role) -> None:
+    await store.upsert_from_clerk(profile_of(clerk.add_user(user_id, role=role.wire)))
+
+
+async def test_a_lost_clerk_answer_is_read_back_and_the_change_stands(
+    store: UserStore, fake_clerk: FakeClerk, short_clerk: ClerkBackend
+) -> None:
+    await mirrored(store, fake_clerk, U, Role.STAFF)
+    answer = fake_clerk.hold("PATCH", U, applied=True)  # applied, answered after the client's timeout
+    record = await RoleChanges(store, short_clerk).apply(A, U, Role.ADMIN)
+    answer.release()
+    assert record.role is Role.ADMIN
+    assert await assert_agree(store, fake_clerk, (U,)) == {U: Role.ADMIN}
+    assert [(d["to"], d["by"], d["via"]) async for d in store.role_changes.find({})] == [("admin", A, "grpc")]
+    assert await store.leases.count_documents({}) == 0
+
+
+async def test_a_change_of_unknown_outcome_keeps_its_lease_until_it_expires(
+    store: UserStore, fake_clerk: FakeClerk, short_clerk: ClerkBackend
+) -> None:
+    await mirrored(store, fake_clerk, U, Role.STAFF)
+    patch = fake_clerk.hold("PATCH", U)  # neither the write nor the read-back is answered in time
+    read_back = fake_clerk.hold("GET", U)
+    changes = RoleChanges(store, short_clerk, lease_ttl_s=1.5, wait_s=0.2)
+    with pytest.raises(ClerkUnavailable):
+        await changes.apply(A, U, Role.ADMIN)
+    assert await mongo_role(store, U) is Role.STAFF
+    assert await store.role_changes.count_documents({}) == 0
+    # The write may still land: no other change of this user until the lease expires.
+    with pytest.raises(ClerkUnavailable, match="in progress"):
+        await changes.apply(A, U, Role.SUPERADMIN)
+    patch.release()
+    read_back.release()
+    record = await RoleChanges(store, short_clerk, lease_ttl_s=1.5, wait_s=3.0).apply(A, U, Role.SUPERADMIN)
+    assert record.role is Role.SUPERADMIN
+    assert await assert_agree(store, fake_clerk, (U,)) == {U: Role.SUPERADMIN}
+
+
+async def test_a_lease_left_by_a_dead_replica_delays_the_change_until_it_expires(store: UserStore) -> None:
+    await seed(store, A, Role.SUPERADMIN)
+    await seed(store, U, Role.STAFF)
+    expires = datetime.now(UTC) + timedelta(seconds=0.5)
+    await store.leases.insert_one({"_id": f"role:{U}", "holder": "dead-replica", "expiresAt": expires})
+    record = await RoleChanges(store, None, wait_s=5.0).apply(A, U, Role.ADMIN)
+    assert record.role is Role.ADMIN and datetime.now(UTC) >= expires
+    await store.leases.insert_one({"_id": "superadmins", "holder": "dead-replica", "expiresAt": expires + HOUR})
+    await seed(store, B, Role.SUPERADMIN)
+    with pytest.raises(DatabaseUnavailable, match="in progress"):
+        await RoleChanges(store, None, wait_s=0.2).apply(A, B, Role.ADMIN)
+    assert await mongo_role(store, B) is Role.SUPERADMIN
+    assert await store.leases.count_documents({"_id": f"role:{B}"}) == 0  # released: nothing was written
+
+
+async def test_the_mongodb_write_is_a_compare_and_set_on_the_role_read(store: UserStore) -> None:
+    await seed(store, U, Role.STAFF)
+    assert await store.set_role(U, Role.STAFF, expected=Role.ADMIN, by=A) is None  # read admin; it is staff
+    assert await mongo_role(store, U) is Role.STAFF
+    record = await store.set_role(U, Role.ADMIN, expected=Role.STAFF, by=A)
+    assert record is not None and record.role is Role.ADMIN
+    assert [(d["from"], d["to"]) async for d in store.role_changes.find({})] == [("staff", "admin")]
