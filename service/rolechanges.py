@@ -113,24 +113,27 @@ class RoleChanges:
         settled = True  # False while a write of ours may land without our knowing its outcome
         try:
             await self._take(held, Lease(self._store.leases, holder, name=f"role:{external_id}"))
-            for _ in range(CAS_ATTEMPTS):
-                target = await self._store.get(external_id)
-                if target is None:
-                    raise UserNotFound("user not found")
-                if not target.is_active:
-                    raise TargetInactive("user is inactive; its role cannot be changed")
-                demotion = target.role is Role.SUPERADMIN and role is not Role.SUPERADMIN
-                if demotion and len(held) == 1:
-                    await self._take(held, Lease(self._store.leases, holder, name=SUPERADMINS))
-                    await self._renew(held[0])
-                async with asyncio.timeout(self._budget):
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self._budget) as budget:  # from taking the leases to the last write
+                for _ in range(CAS_ATTEMPTS):
+                    target = await self._store.get(external_id)
+                    if target is None:
+                        raise UserNotFound("user not found")
+                    if not target.is_active:
+                        raise TargetInactive("user is inactive; its role cannot be changed")
+                    demotion = target.role is Role.SUPERADMIN and role is not Role.SUPERADMIN
+                    if demotion and len(held) == 1:
+                        budget.reschedule(None)  # the wait has its own bound
+                        await self._take(held, Lease(self._store.leases, holder, name=SUPERADMINS))
+                        await self._renew(held[0])
+                        budget.reschedule(loop.time() + self._budget)  # both leases fresh from here
                     if demotion:
                         await self._another_superadmin(external_id)
                     settled = False
                     record = await self._write(by, target, role)
                     settled = True
-                if record is not None:
-                    return record
+                    if record is not None:
+                        return record
             raise DatabaseUnavailable("the user kept changing during the role change; try again")
         except (ClerkKeyRefused, ClerkRejected, ClerkUserNotFound):
             settled = True  # Clerk refused the write: nothing changed
