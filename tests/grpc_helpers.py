@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 
 from authsvc_client.v1 import authsvc_pb2_grpc
 from service.app import GrpcService, grpc_service
+from service.callerfile import RELOAD_S
 from service.clerkapi import ClerkBackend
 from service.roles import Role
 from service.settings import Settings
@@ -87,14 +88,20 @@ async def serve(
     *,
     clerk: FakeClerk | None = None,
     health_interval_s: float = 2.0,
+    callers_reload_s: float = RELOAD_S,
     **changes: Any,
 ) -> AsyncIterator[Harness]:
-    """A running gRPC service (and channel) trusting ``issuer``; with ``clerk``, role write-through to it."""
+    """A running gRPC service (and channel) trusting ``issuer``; with ``clerk``, role write-through to it.
+
+    ``callers_reload_s``: how often ``AUTHSVC_CALLERS_FILE`` is re-read.
+    """
     if clerk is not None:
         changes.update(clerk_api_url=clerk.url, clerk_secret_key=CLERK_SECRET)
     settings = issuer_settings(settings, issuer, **changes)
     async with (
-        grpc_service(settings, store, health_interval_s=health_interval_s, grace_s=0.5) as service,
+        grpc_service(
+            settings, store, health_interval_s=health_interval_s, grace_s=0.5, callers_reload_s=callers_reload_s
+        ) as service,
         grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
     ):
         yield Harness(settings, store, issuer, service, channel, authsvc_pb2_grpc.AuthServiceStub(channel), clerk)
@@ -148,9 +155,20 @@ class Pki:
     client_cert: Path
     client_key: Path
 
+    def client(self, stem: str) -> dict[str, bytes]:
+        """``grpc.ssl_channel_credentials`` keywords presenting the client certificate ``stem``."""
+        directory = self.ca.parent
+        return {
+            "private_key": (directory / f"{stem}.key").read_bytes(),
+            "certificate_chain": (directory / f"{stem}.pem").read_bytes(),
+        }
 
-def make_pki(directory: Path) -> Pki:
-    """A throwaway CA with a server certificate for 127.0.0.1/localhost and a client certificate."""
+
+def make_pki(directory: Path, clients: Mapping[str, Sequence[x509.GeneralName]] | None = None) -> Pki:
+    """A throwaway CA with a server certificate for 127.0.0.1/localhost and a client certificate.
+
+    ``clients`` issues further client certificates, ``{stem}.pem``/``{stem}.key``, carrying the given SANs.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
 
@@ -164,7 +182,7 @@ def make_pki(directory: Path) -> Pki:
         issuer: str,
         *,
         ca: bool = False,
-        san: bool = False,
+        sans: Sequence[x509.GeneralName] = (),
     ) -> x509.Certificate:
         builder = (
             x509.CertificateBuilder()
@@ -176,13 +194,8 @@ def make_pki(directory: Path) -> Pki:
             .not_valid_after(now + timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
-        if san:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return builder.sign(signer, hashes.SHA256())
 
     def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> None:
@@ -198,8 +211,12 @@ def make_pki(directory: Path) -> Pki:
 
     ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     write("ca", issue("authsvc test CA", ca_key, ca_key, "authsvc test CA", ca=True), None)
-    write("server", issue("localhost", server_key, ca_key, "authsvc test CA", san=True), server_key)
+    local = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    write("server", issue("localhost", server_key, ca_key, "authsvc test CA", sans=local), server_key)
     write("client", issue("internal-client", client_key, ca_key, "authsvc test CA"), client_key)
+    for stem, sans in (clients or {}).items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(stem, issue(stem, key, ca_key, "authsvc test CA", sans=sans), key)
     return Pki(
         directory / "ca.pem",
         directory / "server.pem",
