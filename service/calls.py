@@ -90,7 +90,7 @@ def caller_of(policy: CallerPolicy, context: Context) -> Caller | None:
     return policy.by_san(value.decode("utf-8", "replace") for name in SAN_PROPERTIES for value in auth.get(name, ()))
 
 
-class _Gate:
+class CallerGate:
     """The caller check of one method: who calls, and may they call it."""
 
     __slots__ = ("answer", "callers", "method")
@@ -146,7 +146,7 @@ async def _refuse(context: Context, method: str, bad: _Undecodable) -> NoReturn:
     await abort(context, status_of(error)[0], str(error), error.reason)
 
 
-async def _admit(gate: _Gate | None, context: Context) -> None:
+async def _admit(gate: CallerGate | None, context: Context) -> None:
     """For streaming methods (no denial response): end the call unless its caller may make it."""
     if gate is not None:
         refusal = gate.refusal(context)
@@ -209,7 +209,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         gate = None
         if self._callers is not None and not method.startswith(HEALTH_PREFIX):
             answer = self._answers.get(method) if handler.unary_unary is not None else None
-            gate = _Gate(method, self._callers, answer)
+            gate = CallerGate(method, self._callers, answer)
         serializer = handler.response_serializer
         if handler.unary_unary is not None:
             unary = self._unary_unary(method, handler.unary_unary, gate, decode)
@@ -226,7 +226,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return handler
 
     def _unary_unary(
-        self, method: str, inner: Callable[..., Any], gate: _Gate | None, decode: Callable[[bytes], Any]
+        self, method: str, inner: Callable[..., Any], gate: CallerGate | None, decode: Callable[[bytes], Any]
     ) -> Callable[..., Awaitable[Any]]:
         async def behavior(raw: bytes, context: Context) -> Any:
             if gate is not None:
@@ -246,7 +246,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return behavior
 
     def _unary_stream(
-        self, method: str, inner: Callable[..., Any], gate: _Gate | None, decode: Callable[[bytes], Any]
+        self, method: str, inner: Callable[..., Any], gate: CallerGate | None, decode: Callable[[bytes], Any]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def behavior(raw: bytes, context: Context) -> AsyncIterator[Any]:
             await _admit(gate, context)
@@ -280,7 +280,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return checked()
 
     def _stream_unary(
-        self, method: str, inner: Callable[..., Any], gate: _Gate | None, decode: Callable[[bytes], Any]
+        self, method: str, inner: Callable[..., Any], gate: CallerGate | None, decode: Callable[[bytes], Any]
     ) -> Callable[..., Awaitable[Any]]:
         async def behavior(requests: AsyncIterator[bytes], context: Context) -> Any:
             await _admit(gate, context)
@@ -290,7 +290,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return behavior
 
     def _stream_stream(
-        self, method: str, inner: Callable[..., Any], gate: _Gate | None, decode: Callable[[bytes], Any]
+        self, method: str, inner: Callable[..., Any], gate: CallerGate | None, decode: Callable[[bytes], Any]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def behavior(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
             await _admit(gate, context)

@@ -26,6 +26,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2
 
 from authsvc.dev.procs import child_env, health_check, run
+from authsvc.dev.run import callers_line
 from authsvc_client import AuthsvcClient, PermissionDenied, Role, Unauthenticated
 from authsvc_client.v1 import authsvc_pb2 as pb
 from service.callerfile import RELOAD_S
@@ -504,6 +505,12 @@ async def test_reflection_can_be_turned_off(settings: Settings, store: UserStore
             await reflect(iter([b""])).read()
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert (await health_check(h.channel)(health_pb2.HealthCheckRequest(), timeout=5)).status == 1
+
+
+def test_authsvc_dev_says_when_its_grpcurl_lines_need_a_key(tmp_path: Path) -> None:
+    assert "-H" not in callers_line(Settings())
+    (tmp_path / "callers.toml").write_text(GOOD)
+    assert "-H 'x-authsvc-key: YOUR_KEY'" in callers_line(Settings(callers_file=tmp_path / "callers.toml"))
 
 
 async def test_a_bad_file_at_startup_is_one_line_among_every_problem(tmp_path: Path) -> None:
