@@ -112,13 +112,17 @@ async def run(*, checks: int = 20_000, passes: int = 5) -> list[str]:
             await callers.close()
 
     med = {name: statistics.median(values) for name, values in found.items()}
+    rows = [
+        (f"key (x-authsvc-key, SHA-256, {ENTRIES} digests compared)", f"{med['key']:.1f} us"),
+        ("unknown key and certificate (refused; no abort)", f"{med['unknown key']:.1f} us"),
+        ("client certificate URI SAN (mTLS, no key)", f"{med['san']:.1f} us"),
+        ("no AUTHSVC_CALLERS_FILE", "no check"),
+    ]
+    width = max(len(label) for label, _ in rows)
     return [
         f"callers: the caller check on a real call's context, {ENTRIES} keys + {ENTRIES} certificate names, "
         f"{checks:,} checks x {passes} passes, medians (CPU per call)",
-        f"  key (x-authsvc-key, SHA-256, {ENTRIES} digests compared)   {med['key']:.1f} us",
-        f"  unknown key and certificate (refused; no abort)   {med['unknown key']:.1f} us",
-        f"  client certificate URI SAN (mTLS, no key)         {med['san']:.1f} us",
-        "  no AUTHSVC_CALLERS_FILE                           no check",
+        *(f"  {label:<{width}}  {figure:>8}" for label, figure in rows),
     ]
 
 

@@ -500,6 +500,14 @@ async def test_reflection_can_be_turned_off(settings: Settings, store: UserStore
     async with serve(settings, store, issuer, reflection=False) as h:
         code, _, err = await run(str(grpcurl_binary()), "-plaintext", h.target, "list", timeout_s=30)
         assert code != 0 and "does not support the reflection API" in err
+        protos = Path(__file__).resolve().parents[1] / "protos"
+        await seed(store, USER)
+        code, out, err = await run(
+            str(grpcurl_binary()),
+            *("-plaintext", "-import-path", str(protos), "-proto", "authsvc/v1/authsvc.proto"),
+            *("-d", json.dumps({"external_id": USER}), h.target, "authsvc.v1.AuthService/GetUser"),
+        )
+        assert code == 0 and USER in out, (out, err)  # the README's way without reflection
         reflect = raw_grpc.stream_stream(h.channel, raw_grpc.REFLECTION)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await reflect(iter([b""])).read()
