@@ -85,7 +85,9 @@ async def grpc_service(
             jit = JitUsers(users, store, clerk)
             stack.push_async_callback(jit.close)
             reader = jit
-        servicer = AuthServicer(store, verifier, reader, RoleAdmin(store, verifier, clerk))
+        roles = RoleAdmin(store, verifier, clerk)
+        stack.push_async_callback(roles.close)  # before the Clerk client and the store close
+        servicer = AuthServicer(store, verifier, reader, roles)
         extra = [_ext_authz(verifier, reader, servicer)] if settings.ext_authz else []
 
         async def ready() -> bool:

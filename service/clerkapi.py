@@ -128,10 +128,19 @@ class ClerkBackend:
             self._session = None
 
     # --- operations ------------------------------------------------------------
-    async def set_role(self, user_id: str, role: Role) -> None:
-        """Merge ``{"role": ...}`` into the user's ``public_metadata``."""
+    async def set_role(self, user_id: str, role: Role) -> ClerkUser:
+        """Merge ``{"role": ...}`` into the user's ``public_metadata``; return the user as Clerk now holds it.
+
+        The answer carries the user's new ``updated_at``: the version MongoDB's
+        copy is written with. An answer that is not a user object is
+        :class:`ClerkUnavailable`, though the change may have been made.
+        """
         body = {"public_metadata": {"role": role.wire}}
-        await self._request("set_role", "PATCH", f"/v1/users/{quote(user_id, safe='')}/metadata", json=body, user=True)
+        path = f"/v1/users/{quote(user_id, safe='')}/metadata"
+        user = await self._request("set_role", "PATCH", path, json=body, user=True)
+        if not isinstance(user, dict):
+            raise ClerkUnavailable("Clerk answered set_role with something other than a user object")
+        return user
 
     async def get_user(self, user_id: str) -> ClerkUser:
         """``GET /v1/users/{id}``; :class:`ClerkUserNotFound` when Clerk has no such user."""

@@ -6,7 +6,9 @@ Users have the shape of ``data`` in ``tests/fixtures/clerk/user.created.json``
 ``GET /v1/users/count``, ``GET /v1/users/{id}``, ``PATCH
 /v1/users/{id}/metadata``. On demand: 401 for a wrong key, 429 (with or
 without ``Retry-After``), 5xx windows (the next N requests, or list pages from
-an offset on), a delay, and a hang. Every request is recorded with its arrival time.
+an offset on), a delay, a hang, an answer delay per request (after the change
+is applied), and gates that hold one chosen request (before or after it is
+applied) until the test releases it. Every request is recorded with its arrival time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import copy
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,25 @@ class Seen:
     status: int
 
 
+@dataclass
+class Gate:
+    """Holds one request of :meth:`FakeClerk.hold` until :meth:`release`; ``arrived`` is set when it waits."""
+
+    method: str
+    user_id: str
+    countdown: int  # matching requests still to let through before the one held
+    applied: bool  # hold the answer after the change is applied (else before it)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.opened.set()
+
+    async def wait(self) -> None:
+        self.arrived.set()
+        await self.opened.wait()
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     body = {"errors": [{"message": message, "long_message": message, "code": code}], "clerk_trace_id": "trace"}
     return web.json_response(body, status=status)
@@ -62,6 +83,8 @@ class FakeClerk:
         self.delay_s = 0.0  # every request waits this long first
         self.hang = False  # requests wait until release() (or the server stops)
         self.on_list: Callable[[int], Awaitable[None]] | None = None  # runs before a page at this offset is served
+        self.answer_delay: Callable[[], float] | None = None  # seconds each answer waits, the change already applied
+        self.gates: list[Gate] = []
         self._released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._template: dict[str, Any] = json.loads(FIXTURE.read_text())["data"]
@@ -145,6 +168,26 @@ class FakeClerk:
         self.hang = False
         self._released.set()
 
+    def hold(self, method: str, user_id: str, *, nth: int = 1, applied: bool = False) -> Gate:
+        """Hold the ``nth`` request from now for ``user_id`` (``PATCH``: its metadata) until the gate is released.
+
+        With ``applied`` the change is made first and only the answer waits, as
+        when Clerk is slow to answer; else the request waits before anything.
+        """
+        gate = Gate(method, user_id, nth, applied)
+        self.gates.append(gate)
+        return gate
+
+    def _gate_for(self, request: web.Request) -> Gate | None:
+        user_id = request.match_info.get("user_id")
+        for gate in list(self.gates):
+            if (gate.method, gate.user_id) == (request.method, user_id):
+                gate.countdown -= 1
+                if gate.countdown == 0:
+                    self.gates.remove(gate)
+                    return gate
+        return None
+
     def requests(self, path: str, method: str = "GET") -> list[Seen]:
         return [s for s in self.seen if s.path == path and s.method == method]
 
@@ -163,6 +206,8 @@ class FakeClerk:
 
     async def stop(self) -> None:
         self._released.set()
+        for gate in self.gates:
+            gate.release()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -185,10 +230,21 @@ class FakeClerk:
         return response
 
     async def _answer(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        gate = self._gate_for(request)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.hang:
             await self._released.wait()
+        if gate is not None and not gate.applied:
+            await gate.wait()
+        response = await self._respond(request, handler)
+        if gate is not None and gate.applied:
+            await gate.wait()
+        if self.answer_delay is not None:
+            await asyncio.sleep(self.answer_delay())
+        return response
+
+    async def _respond(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.secret}":
             return _error(401, "authentication_invalid", "Invalid authentication")
         if self.answer_next:
