@@ -29,7 +29,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
-from authsvc_client.bearer import MalformedAuthorization, http_token
+from authsvc_client.bearer import MalformedAuthorization, http_token, join_cookie_headers
 from service.access import UserReader, authorize
 from service.errors import InvalidArgument, PermissionDenied, TokenError, TokenMalformed, TokenMissing, status_of
 from service.metrics import DENIALS
@@ -48,13 +48,19 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def request_headers(request: external_auth_pb2.CheckRequest) -> dict[str, str]:
-    """The HTTP request's headers, lower-cased (``header_map`` when Envoy sends raw headers)."""
+    """The HTTP request's headers, lower-cased (``header_map`` when Envoy sends raw headers).
+
+    Repeated headers are joined as HTTP joins them, with ``,``; repeated
+    ``cookie`` headers are one cookie list, joined with ``; ``.
+    """
     http = request.attributes.request.http
     headers = {key.lower(): value for key, value in http.headers.items()}
     for entry in http.header_map.headers:
         value = entry.value or entry.raw_value.decode("utf-8", "replace")
         key = entry.key.lower()
-        headers[key] = f"{headers[key]},{value}" if key in headers else value
+        if key in headers:
+            value = join_cookie_headers((headers[key], value)) if key == "cookie" else f"{headers[key]},{value}"
+        headers[key] = value
     return headers
 
 

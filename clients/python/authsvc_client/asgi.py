@@ -13,6 +13,7 @@ import json
 from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
 from typing import Any
 
+from authsvc_client.bearer import join_cookie_headers
 from authsvc_client.client import AuthsvcClient
 from authsvc_client.errors import AuthsvcError
 from authsvc_client.httpauth import IDENTITY_KEY, error_body, status_of, verify_request
@@ -52,14 +53,17 @@ class AuthsvcASGI:
         if scope["type"] not in ("http", "websocket") or path.startswith(self._public):
             await self._app(scope, receive, send)
             return
-        headers: dict[str, str] = {}
+        authorization: str | None = None
+        cookies: list[str] = []
         for key, value in scope.get("headers", ()):
             name = key.decode("latin-1").lower()
-            text = value.decode("latin-1")
-            headers[name] = f"{headers[name]}; {text}" if name == "cookie" and name in headers else text
+            if name == "authorization":
+                authorization = value.decode("latin-1")
+            elif name == "cookie":
+                cookies.append(value.decode("latin-1"))
         try:
             identity = await verify_request(
-                self._client, headers.get("authorization"), headers.get("cookie"), self.min_role(path)
+                self._client, authorization, join_cookie_headers(cookies), self.min_role(path)
             )
         except AuthsvcError as error:
             await self._deny(scope, send, error)
