@@ -9,7 +9,9 @@ Python middleware uses too); the minimum role from the route's
 :func:`service.access.authorize` over the same user reader as VerifyToken.
 
 - allowed: OK, ``x-authsvc-user-id``/``-role``/``-session-id`` overwrite
-  whatever the client sent, and every other client ``x-authsvc-*`` header is removed;
+  whatever the client sent, and every other client header in authsvc's
+  namespace is removed (:func:`spoofable`: ``x_authsvc_role`` too, which
+  CGI-style backends read as ``x-authsvc-role``);
 - denied: an OK RPC whose ``CheckResponse`` carries UNAUTHENTICATED/401 or
   PERMISSION_DENIED/403 and a JSON body ``{"error", "reason"}``;
 - database or JWKS down: the RPC fails UNAVAILABLE (Envoy applies its
@@ -20,7 +22,7 @@ Python middleware uses too); the minimum role from the route's
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -75,6 +77,17 @@ def min_role_of(request: external_auth_pb2.CheckRequest) -> Role | None:
     return role
 
 
+def spoofable(name: str) -> bool:
+    """Whether a client header claims authsvc's namespace: ``x-authsvc-…`` in any case, ``_`` read as ``-``."""
+    return name.lower().replace("_", "-").startswith(PREFIX)
+
+
+def headers_to_remove(headers: Iterable[str], ours: Iterable[base_pb2.HeaderValueOption]) -> list[str]:
+    """The client's headers in authsvc's namespace, but for those ``ours`` overwrites."""
+    kept = {option.header.key for option in ours}
+    return sorted(name for name in headers if spoofable(name) and name not in kept)
+
+
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
 
@@ -126,12 +139,10 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
                 ours.append(_header(SESSION_ID, verified.session_id))
             if user is not None:
                 ours.append(_header(ROLE, user.role.wire))
-            kept = {option.header.key for option in ours}
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=grpc.StatusCode.OK.value[0]),
                 ok_response=external_auth_pb2.OkHttpResponse(
-                    headers=ours,
-                    headers_to_remove=sorted(key for key in headers if key.startswith(PREFIX) and key not in kept),
+                    headers=ours, headers_to_remove=headers_to_remove(headers, ours)
                 ),
             )
 
