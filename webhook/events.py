@@ -26,10 +26,17 @@ class ClerkEvent:
 
     @property
     def subject_id(self) -> str | None:
-        """The Clerk user id this event is about, when it is about one (not validated)."""
+        """The id this event is about, for the ledger of a type authsvc ignores: None unless a valid Clerk id.
+
+        An ignored event is answered ``ignored`` whatever it holds; an id that
+        the database could not store (a lone surrogate, oversized) is dropped
+        here, where it enters, never carried to the ledger insert.
+        """
         key = "user_id" if self.type.startswith("session.") else "id"
-        value = self.data.get(key)
-        return value if isinstance(value, str) else None
+        try:
+            return clerk_id(self.data.get(key), f"data.{key}")
+        except InvalidEvent:
+            return None
 
 
 def parse_event(body: bytes) -> ClerkEvent:
