@@ -237,7 +237,13 @@ async def test_a_ban_and_demotion_apply_whatever_unsafe_metadata_holds(sender: S
 
 @pytest.mark.parametrize(
     ("field", "raw"),
-    [("first_name", DEEP_ARRAYS), ("updated_at", HUGE_INTEGER), ("public_metadata", DEEP_OBJECTS), ("banned", "1e999")],
+    [
+        ("first_name", DEEP_ARRAYS),
+        ("updated_at", HUGE_INTEGER),
+        ("public_metadata", DEEP_ARRAYS),
+        ("email_addresses", DEEP_ARRAYS),
+        ("banned", "1e999"),
+    ],
 )
 async def test_a_deep_or_huge_value_in_a_field_authsvc_reads_is_400(
     sender: Sender, store: UserStore, field: str, raw: str
@@ -245,6 +251,15 @@ async def test_a_deep_or_huge_value_in_a_field_authsvc_reads_is_400(
     status, payload = await sender.post(with_raw(fixture("user.created"), field, raw))
     assert status == 400 and payload["error"], payload
     await assert_untouched(store)
+
+
+@pytest.mark.parametrize("raw", ["[" * 900 + "]" * 900, DEEP_ARRAYS, HUGE_INTEGER, '{"x": ' + DEEP_OBJECTS + "}"])
+async def test_a_role_that_is_not_a_role_name_is_staff_however_deep(sender: Sender, store: UserStore, raw: str) -> None:
+    """``public_metadata.role`` that names no role is staff (the contract's rule), whatever it holds."""
+    status, payload = await sender.post(with_raw(fixture("user.created"), "public_metadata", '{"role": ' + raw + "}"))
+    assert (status, payload) == (200, {"status": "applied"})
+    doc = await store.users.find_one({"externalId": UID})
+    assert doc is not None and doc["role"] == "staff"
 
 
 # --- issue 13, defect 12: an ignored type's id is validated where it enters, never a 500 ------------
