@@ -54,7 +54,7 @@ def test_the_first_non_empty_session_cookie_wins_and_quotes_are_removed() -> Non
 
 # A neighbour: anything but ";" (which separates cookies), that does not itself name __session.
 neighbours = st.lists(
-    st.text(st.characters(blacklist_characters=";", blacklist_categories=("Cs",)), max_size=40).filter(
+    st.text(st.characters(blacklist_characters=";", blacklist_categories=["Cs"]), max_size=40).filter(
         lambda c: c.partition("=")[0].strip(" \t") != "__session"
     ),
     max_size=6,

@@ -24,7 +24,7 @@ def shell_umask() -> Iterator[None]:
 def loose(root: Path) -> list[str]:
     """Everything under ``root`` (itself included) that its group or others may use."""
     paths = [root, *root.rglob("*")]
-    return [f"{p.relative_to(root.parent)} {stat.filemode(p.stat().st_mode)}" for p in paths if p.stat().st_mode & 0o077]
+    return [f"{p.relative_to(root.parent)} {stat.filemode(p.stat().st_mode)}" for p in paths if p.stat().st_mode & 0o77]
 
 
 async def start_write_stop(directory: Path) -> None:

@@ -232,7 +232,8 @@ async def test_a_ban_and_demotion_apply_whatever_unsafe_metadata_holds(sender: S
         status, payload = await sender.post(with_raw(updated, "unsafe_metadata", raw))
         assert (status, payload) == (200, {"status": "applied"}), step
         doc = await store.users.find_one({"externalId": UID})
-        assert doc is not None and (doc["name"], doc["role"], doc["isActive"]) == (f"Ada{step} Lovelace", "staff", False)
+        assert doc is not None
+        assert (doc["name"], doc["role"], doc["isActive"]) == (f"Ada{step} Lovelace", "staff", False)
 
 
 @pytest.mark.parametrize(

@@ -181,7 +181,7 @@ class CallDetails:
     ],
 )
 async def test_public_entries_match_whole_segments_of_the_method(entry: str, method: str, public: bool) -> None:
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    handler: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
 
     async def continuation(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
         return handler

@@ -288,7 +288,7 @@ async def test_sync_help_lists_its_options_and_settings(tmp_path: Path) -> None:
 async def test_one_weird_user_never_fails_a_page(
     fake_clerk: FakeClerk, client: ClerkBackend, settings: Settings, store: UserStore
 ) -> None:
-    """Issue 13, defect 8: deep or huge values in fields authsvc never reads sync; one in a read field is ``invalid``."""
+    """Issue 13, defect 8: deep or huge values in fields authsvc never reads sync; in a read field, ``invalid``."""
     users = fake_clerk.add_users(6)
     fake_clerk.set_raw(users[1]["id"], "unsafe_metadata", "[" * 4000 + "]" * 4000)
     fake_clerk.set_raw(users[2]["id"], "unsafe_metadata", '{"a":' * 1600 + "{}" + "}" * 1600)

@@ -33,7 +33,7 @@ def readings(path: str) -> tuple[str, ...]:
 
 
 def under(path: str, entry: str) -> bool:
-    """Whether ``path`` is ``entry`` or below it, by whole segments (``/health`` covers ``/health/x``, not ``/healthz``)."""
+    """Whether ``path`` is ``entry`` or below it, by whole segments (``/health/x``, never ``/healthz``)."""
     base = entry.rstrip("/")
     return path == base or path.startswith(base + "/")
 
