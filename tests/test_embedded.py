@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.database import make_client
-from service.embedded import EmbeddedMongo
+from service.embedded import EmbeddedMongo, private_directory
 
 
 @pytest.fixture
@@ -27,7 +27,24 @@ def loose(root: Path) -> list[str]:
     return [f"{p.relative_to(root.parent)} {stat.filemode(p.stat().st_mode)}" for p in paths if p.stat().st_mode & 0o77]
 
 
-async def start_write_stop(directory: Path) -> None:
+def test_a_data_directory_authsvc_creates_is_private(tmp_path: Path, shell_umask: None) -> None:
+    private_directory(tmp_path / "data" / "dev")  # AUTHSVC_DATA_DIR and the development keys' directory
+    assert loose(tmp_path / "data") == []
+
+
+def test_the_shared_test_database_writes_only_private_files(mongo: EmbeddedMongo) -> None:
+    assert any(p.is_file() for p in mongo.directory.rglob("*"))
+    assert loose(mongo.directory) == []
+
+
+async def test_a_world_readable_directory_from_an_older_version_is_made_private(
+    tmp_path: Path, shell_umask: None
+) -> None:
+    directory = tmp_path / "mongo"
+    directory.mkdir()
+    (directory / "secantusd.log").write_text("an older version's log\n")
+    for path in (directory, directory / "secantusd.log"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     server = EmbeddedMongo(directory)
     await server.start()
     try:
@@ -36,17 +53,5 @@ async def start_write_stop(directory: Path) -> None:
         await client.close()
     finally:
         server.stop()
-
-
-@pytest.mark.usefixtures("shell_umask")
-async def test_data_directory_and_database_files_are_private(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"  # AUTHSVC_DATA_DIR, not there yet
-    await start_write_stop(data_dir / "mongo")
-    assert loose(data_dir) == []
-    assert any(p.is_file() for p in (data_dir / "mongo").rglob("*"))
-
-    # A directory an older version left world-readable is made private at the next start.
-    for path in [data_dir, *data_dir.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    await start_write_stop(data_dir / "mongo")
-    assert loose(data_dir / "mongo") == []
+    assert len(list(directory.rglob("*"))) > 2
+    assert loose(directory) == []
