@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from authsvc_client import AuthsvcClient, Identity, Role, current_identity
 from authsvc_client.aiohttp import IDENTITY, authsvc_middleware, public, requires
 from authsvc_client.asgi import AuthsvcASGI
+from authsvc_client.paths import is_public, resolve, under
 from service.settings import Settings
 from service.users import UserStore
 from tests.grpc_helpers import Harness, seed, serve
@@ -203,3 +208,11 @@ async def test_asgi_public_entries_match_whole_segments_of_the_resolved_path(pat
         assert await reached(app, path) is public
         trailing = AuthsvcASGI(inner, authsvc, default=Role.STAFF, public=("/health/",))
         assert await reached(trailing, path) is public
+
+
+@given(st.text(st.sampled_from(list("/.%2eEfF5cChealthadmin")), max_size=30))
+def test_a_public_path_is_under_the_entry_however_a_router_resolves_it(path: str) -> None:
+    if not is_public(path, ("/health",)):
+        return
+    for reading in (path, posixpath.normpath(path), posixpath.normpath(unquote(path)), resolve(unquote(path))):
+        assert under(reading.replace("//", "/"), "/health"), (path, reading)

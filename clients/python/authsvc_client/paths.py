@@ -28,7 +28,9 @@ def resolve(path: str) -> str:
 
 
 def readings(path: str) -> tuple[str, ...]:
-    """``path`` as sent, resolved, and percent-decoded then resolved."""
+    """``path`` as sent, resolved, and percent-decoded then resolved (one reading when they cannot differ)."""
+    if path.startswith("/") and "/." not in path and "//" not in path and "%" not in path:
+        return (path,)  # the common case: no segment to resolve, nothing to decode (a trailing "/" matches alike)
     return path, resolve(path), resolve(unquote(path))
 
 
