@@ -16,7 +16,6 @@ timeout, quotes user ids as one path segment, is counted in
 from __future__ import annotations
 
 import email.utils
-import json as jsonlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +24,7 @@ from urllib.parse import quote
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
+from service import clerkjson
 from service.errors import ClerkKeyRefused, ClerkRejected, ClerkUnavailable, ClerkUserNotFound
 from service.logs import fields
 from service.metrics import CLERK_REQUESTS
@@ -211,8 +211,8 @@ class ClerkBackend:
         code = response.status
         CLERK_REQUESTS.labels(op=op, status=str(code)).inc()
         try:
-            body = jsonlib.loads(raw) if raw else None
-        except ValueError:
+            body = clerkjson.loads(raw) if raw else None
+        except ValueError:  # the page as a whole is not JSON (one odd user in it still parses)
             body = None
         if code < 300:
             if body is None and raw:

@@ -9,6 +9,7 @@ without ``Retry-After``), 5xx windows (the next N requests, or list pages from
 an offset on), a delay, a hang, an answer delay per request (after the change
 is applied), and gates that hold one chosen request (before or after it is
 applied) until the test releases it. Every request is recorded with its arrival time.
+A field can hold raw JSON text that ``json.dumps`` could not write (:meth:`FakeClerk.set_raw`).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class FakeClerk:
         self._runner: web.AppRunner | None = None
         self._template: dict[str, Any] = json.loads(FIXTURE.read_text())["data"]
         self._clock_ms = BASE_MS
+        self._raw: dict[str, str] = {}  # placeholder string -> the raw JSON text served in its place
         self.port = 0
 
     @property
@@ -159,6 +161,18 @@ class FakeClerk:
         user.update(changes)
         user["updated_at"] = self.tick()
         return user
+
+    def set_raw(self, user_id: str, field: str, raw_json: str) -> None:
+        """Serve ``raw_json`` as the user's ``field`` (nesting or numbers ``json.dumps`` cannot write)."""
+        placeholder = f"\x00raw:{user_id}:{field}"
+        self._raw[json.dumps(placeholder)] = raw_json
+        self.users[user_id][field] = placeholder
+
+    def _json(self, value: Any) -> web.Response:
+        text = json.dumps(value)
+        for placeholder, raw in self._raw.items():
+            text = text.replace(placeholder, raw)
+        return web.Response(text=text, content_type="application/json")
 
     def delete_user(self, user_id: str) -> None:
         del self.users[user_id]
@@ -275,7 +289,7 @@ class FakeClerk:
         if key not in ("created_at", "updated_at"):
             return _error(422, "form_param_value_invalid", "order_by")
         users = sorted(self.users.values(), key=lambda u: (u[key], u["id"]), reverse=order.startswith("-"))
-        return web.json_response(users[offset : offset + limit])
+        return self._json(users[offset : offset + limit])
 
     async def _count(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "total_count", "total_count": len(self.users)})
@@ -284,7 +298,7 @@ class FakeClerk:
         user = self.users.get(request.match_info["user_id"])
         if user is None:
             return _error(404, "resource_not_found", "not found")
-        return web.json_response(user)
+        return self._json(user)
 
     async def _metadata(self, request: web.Request) -> web.Response:
         user_id = request.match_info["user_id"]
