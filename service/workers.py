@@ -330,6 +330,8 @@ async def supervise(kind: Kind, run: WorkerRun, settings: Settings) -> int:
         directory = stack.enter_context(metrics_dir())
         if kind == "grpc":
             await stack.enter_async_context(metrics_server(settings.metrics_addr))
+        elif settings.webhook_metrics_addr:  # the sidecar's workers serve /metrics on its address otherwise
+            await stack.enter_async_context(metrics_server(settings.webhook_metrics_addr, "AUTHSVC_WEBHOOK_METRICS_ADDR"))
         supervisor = Supervisor(kind, run, settings, settings.workers, directory)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
