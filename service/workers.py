@@ -331,7 +331,8 @@ async def supervise(kind: Kind, run: WorkerRun, settings: Settings) -> int:
         if kind == "grpc":
             await stack.enter_async_context(metrics_server(settings.metrics_addr))
         elif settings.webhook_metrics_addr:  # the sidecar's workers serve /metrics on its address otherwise
-            await stack.enter_async_context(metrics_server(settings.webhook_metrics_addr, "AUTHSVC_WEBHOOK_METRICS_ADDR"))
+            metrics = metrics_server(settings.webhook_metrics_addr, "AUTHSVC_WEBHOOK_METRICS_ADDR")
+            await stack.enter_async_context(metrics)
         supervisor = Supervisor(kind, run, settings, settings.workers, directory)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -162,8 +162,16 @@ class _Handler(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         parsed = self._request_count  # aiohttp counts each request whose headers it parsed (or refused)
         super().data_received(data)
-        if data:
-            self.connections.received(self, self._request_count - parsed)
+        if not data:
+            return
+        requests = self._request_count - parsed
+        current = self._current_request
+        if requests and current is not None and not current.content.is_eof():
+            # A "request" parsed before the body in progress ended can only be aiohttp's parse error
+            # (a bad chunk size mid-body): its C parser drops the body without telling it, and the
+            # handler would wait on it until the body deadline. Fail the body: the handler answers 400.
+            current.content.set_exception(web.RequestPayloadError("malformed HTTP body framing"))
+        self.connections.received(self, requests)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None

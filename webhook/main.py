@@ -44,7 +44,8 @@ async def sidecar(
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(runner.cleanup)
         if settings.webhook_metrics_addr and not worker:
-            await stack.enter_async_context(metrics_server(settings.webhook_metrics_addr, "AUTHSVC_WEBHOOK_METRICS_ADDR"))
+            metrics = metrics_server(settings.webhook_metrics_addr, "AUTHSVC_WEBHOOK_METRICS_ADDR")
+            await stack.enter_async_context(metrics)
         stack.enter_context(quiet_accept_errors())
         host, port = split_addr(settings.webhook_addr)
         try:
