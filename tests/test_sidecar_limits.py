@@ -24,8 +24,10 @@ from pathlib import Path
 import aiohttp
 import brotli
 import pytest
+from pymongo import WriteConcern
 
 from authsvc.dev.procs import ServerProcess, child_env, free_port, http_ok
+from service.database import make_client
 from service.settings import Settings
 from service.users import UserStore
 from tests.conftest import WEBHOOK_SECRET, open_test_database
@@ -439,6 +441,36 @@ async def test_a_chunk_size_that_is_not_hex_mid_body_is_400_and_one_info_line(
     await asyncio.sleep(0.1)
     records = [r for r in caplog.records if r.levelno >= logging.INFO or r.exc_info]
     assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)], [r.getMessage() for r in records]
+
+
+# --- defect 11: /metrics off the public address, /readyz says only ready or not ----------------------
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.get(url) as response:
+        return response.status, await response.text()
+
+
+async def test_with_a_metrics_address_metrics_leave_the_public_address(settings: Settings, store: UserStore) -> None:
+    metrics_port = free_port()
+    moved = settings.model_copy(update={"webhook_metrics_addr": f"127.0.0.1:{metrics_port}"})
+    async with aiohttp.ClientSession() as session:
+        async with sidecar(settings, store) as port:
+            status, text = await get(session, f"http://127.0.0.1:{port}/metrics")
+            assert status == 200 and "authsvc_webhook_deliveries_total" in text
+        async with sidecar(moved, store) as port:
+            assert (await get(session, f"http://127.0.0.1:{port}/metrics"))[0] == 404
+            status, text = await get(session, f"http://127.0.0.1:{metrics_port}/metrics")
+            assert status == 200 and "authsvc_webhook_deliveries_total" in text
+            assert await get(session, f"http://127.0.0.1:{port}/readyz") == (200, '{"status": "ready"}')
+
+
+async def test_readyz_without_a_database_says_not_ready_and_nothing_more(settings: Settings) -> None:
+    client = make_client(f"mongodb://127.0.0.1:{free_port()}", serverSelectionTimeoutMS=200)
+    store = UserStore(client["nowhere"], write_concern=WriteConcern())
+    try:
+        async with sidecar(settings, store) as port, aiohttp.ClientSession() as session:
+            assert await get(session, f"http://127.0.0.1:{port}/readyz") == (503, '{"status": "not ready"}')
+    finally:
+        await client.close()
 
 
 async def client_drop(settings: Settings) -> None:
