@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import inspect
 import json
 import logging
@@ -24,15 +25,19 @@ from pathlib import Path
 import aiohttp
 import brotli
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pymongo import WriteConcern
 
 from authsvc.dev.procs import ServerProcess, child_env, free_port, http_ok
 from service.database import make_client
+from service.errors import InvalidArgument, PayloadTooLarge
 from service.settings import Settings
 from service.users import UserStore
 from tests.conftest import WEBHOOK_SECRET, open_test_database
 from tests.sidecar import Sender, fixture
 from tests.test_hostile_webhook import assert_no_error_logged
+from webhook.body import decode
 from webhook.limits import Limits
 from webhook.main import sidecar
 
@@ -155,6 +160,33 @@ async def test_a_body_that_does_not_decode_ends_its_connection(settings: Setting
     assert await asyncio.wait_for(read_response(reader), 5) == 400
     assert await closed_within(reader, 1.0)
     writer.close()
+
+
+ENCODERS = {
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "raw-deflate": lambda b: zlib.compress(b, wbits=-zlib.MAX_WBITS),
+    "br": brotli.compress,
+}
+
+
+@given(plain=st.binary(max_size=4096), coding=st.sampled_from(list(ENCODERS)), limit=st.integers(1, 5000))
+def test_decode_returns_the_body_or_refuses_it_past_the_limit(plain: bytes, coding: str, limit: int) -> None:
+    raw = ENCODERS[coding](plain)
+    header = "deflate" if coding == "raw-deflate" else coding
+    if len(plain) <= limit:
+        assert decode(raw, header, limit) == plain
+    else:
+        with pytest.raises(PayloadTooLarge):
+            decode(raw, header, limit)
+
+
+@given(raw=st.binary(max_size=2048), coding=st.sampled_from(["gzip", "x-gzip", "deflate", "br", "zstd", "gzip, br"]))
+def test_decode_of_arbitrary_bytes_is_a_body_or_a_client_error(raw: bytes, coding: str) -> None:
+    try:
+        assert len(decode(raw, coding, 4096)) <= 4096
+    except (InvalidArgument, PayloadTooLarge):
+        pass
 
 
 # --- defect 2: slow and idle connections, the connection cap -------------------------------------

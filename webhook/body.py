@@ -26,6 +26,7 @@ MAX_BODY = 1024 * 1024  # 1 MiB, before and after decompression
 _GZIP = 16 + zlib.MAX_WBITS
 _ZLIB = zlib.MAX_WBITS
 _RAW_DEFLATE = -zlib.MAX_WBITS
+_BROTLI_STEP = 64 * 1024
 
 
 class ClientGone(Exception):
@@ -105,16 +106,22 @@ def _zlib(raw: bytes, wbits: int, limit: int) -> bytes:
 
 def _brotli(raw: bytes, limit: int) -> bytes:
     decompressor = brotli.Decompressor()
+    out = bytearray()
+    data = raw
     try:
-        # The output buffer stops growing once it holds ``limit + 1`` bytes (brotli >= 1.2).
-        out: bytes = decompressor.process(raw, output_buffer_limit=limit + 1)
+        while True:
+            # The output buffer stops growing at output_buffer_limit (brotli >= 1.2); the rest waits inside.
+            step = decompressor.process(data, output_buffer_limit=min(_BROTLI_STEP, limit + 1 - len(out)))
+            out += step
+            if len(out) > limit:
+                raise PayloadTooLarge("body over 1 MiB once decompressed")
+            if decompressor.is_finished():
+                return bytes(out)
+            if not step and not data:
+                raise _undecodable()  # truncated: no input left, no output, not finished
+            data = b""
     except brotli.error as exc:
         raise _undecodable() from exc
-    if len(out) > limit:
-        raise PayloadTooLarge("body over 1 MiB once decompressed")
-    if not decompressor.is_finished():
-        raise _undecodable()  # truncated
-    return out
 
 
 def _undecodable() -> InvalidArgument:
