@@ -30,11 +30,11 @@ from hypothesis import strategies as st
 from pymongo import WriteConcern
 
 from authsvc.dev.procs import ServerProcess, child_env, free_port, http_ok
-from service.database import make_client
+from service.database import Database, make_client
 from service.errors import InvalidArgument, PayloadTooLarge
 from service.settings import Settings
 from service.users import UserStore
-from tests.conftest import WEBHOOK_SECRET, open_test_database
+from tests.conftest import WEBHOOK_SECRET
 from tests.sidecar import Sender, fixture
 from tests.test_hostile_webhook import assert_no_error_logged
 from webhook.body import decode
@@ -260,6 +260,19 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
         writer.close()
 
 
+async def test_pipelined_requests_are_all_answered_then_the_connection_idles(
+    settings: Settings, store: UserStore
+) -> None:
+    async with sidecar(settings, store, limits=SHORT) as port:
+        reader, writer = await open_idle(port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: sidecar\r\n\r\n" * 3)
+        assert [await read_response(reader) for _ in range(3)] == [200, 200, 200]
+        answered = time.monotonic()
+        assert await closed_within(reader, 5)  # by the idle timeout: nothing left counted in progress
+        assert 1.0 < time.monotonic() - answered < 3.5
+        writer.close()
+
+
 CAPPED = Limits(header_timeout_s=5, body_timeout_s=5, idle_timeout_s=5, max_connections=20)
 
 
@@ -359,7 +372,9 @@ runpy.run_module("webhook", run_name="__main__")
 """
 
 
-async def test_too_few_descriptors_lower_the_cap_with_a_warning(settings: Settings, tmp_path: Path) -> None:
+async def test_too_few_descriptors_lower_the_cap_with_a_warning(
+    settings: Settings, database: Database, tmp_path: Path
+) -> None:
     port = free_port()
     process = ServerProcess(
         "sidecar",
@@ -383,7 +398,6 @@ async def test_too_few_descriptors_lower_the_cap_with_a_warning(settings: Settin
             w.close()
     finally:
         process.stop()
-    await client_drop(settings)
 
 
 # The sidecar's process runs out of descriptors: a child process connects 40 times, the sidecar can accept 3.
@@ -503,9 +517,3 @@ async def test_readyz_without_a_database_says_not_ready_and_nothing_more(setting
             assert await get(session, f"http://127.0.0.1:{port}/readyz") == (503, '{"status": "not ready"}')
     finally:
         await client.close()
-
-
-async def client_drop(settings: Settings) -> None:
-    database = await open_test_database(settings)
-    await database.client.drop_database(settings.mongodb_db)
-    await database.close()

@@ -162,9 +162,9 @@ class _Handler(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         parsed = self._request_count  # aiohttp counts each request whose headers it parsed (or refused)
         super().data_received(data)
-        if not data:
+        requests = self._request_count - parsed  # also when aiohttp re-parses what it held back (data b"")
+        if not data and not requests:
             return
-        requests = self._request_count - parsed
         current = self._current_request
         if requests and current is not None and not current.content.is_eof():
             # A "request" parsed before the body in progress ended can only be aiohttp's parse error
