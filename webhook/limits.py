@@ -80,13 +80,11 @@ class Connections:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        self._loop = asyncio.get_running_loop()
         self._open: set[_Handler] = set()
         # Connections without a complete request's headers, the longest-waiting first (dicts keep order).
         self._waiting: dict[_Handler, None] = {}
         self._full = Occasional("connection cap reached: closing the connections that waited longest")
-
-    def __len__(self) -> int:
-        return len(self._open)
 
     def opened(self, conn: _Handler) -> None:
         self._open.add(conn)
@@ -126,7 +124,7 @@ class Connections:
 
     def _deadline(self, conn: _Handler, timeout_s: float) -> None:
         self._cancel(conn)
-        conn.timer = asyncio.get_running_loop().call_later(timeout_s, self._close, conn)
+        conn.timer = self._loop.call_later(timeout_s, self._close, conn)
 
     def _cancel(self, conn: _Handler) -> None:
         if conn.timer is not None:
