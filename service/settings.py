@@ -147,6 +147,11 @@ class Settings(BaseModel):
     metrics_addr: str = Field(
         "127.0.0.1:9464", alias="AUTHSVC_METRICS_ADDR", description="where authsvc grpc serves GET /metrics"
     )
+    webhook_metrics_addr: str | None = Field(
+        None,
+        alias="AUTHSVC_WEBHOOK_METRICS_ADDR",
+        description="when set, the sidecar serves GET /metrics there and no longer on its public address",
+    )
     sync_interval_s: float = Field(
         0.0, ge=0, alias="AUTHSVC_SYNC_INTERVAL_S", description="the sidecar reconciles from Clerk this often; 0: off"
     )
@@ -205,6 +210,11 @@ class Settings(BaseModel):
     @classmethod
     def _check_addr(cls, value: str) -> str:
         return _addr(value)
+
+    @field_validator("webhook_metrics_addr")
+    @classmethod
+    def _check_optional_addr(cls, value: str | None) -> str | None:
+        return None if value is None else _addr(value)
 
     @field_validator("webhook_path")
     @classmethod

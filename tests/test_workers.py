@@ -342,12 +342,17 @@ async def test_sidecar_workers_count_deliveries_by_type_and_outcome(mongo: Embed
         CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET,
         AUTHSVC_LOG_LEVEL="info",
     )
+    # /metrics off the public address: the parent serves the workers' sum there (AUTHSVC_WEBHOOK_METRICS_ADDR).
+    parent.env["AUTHSVC_WEBHOOK_METRICS_ADDR"] = f"127.0.0.1:{parent.metrics_port}"
     parent.start()
     try:
         await parent.wait_serving(2)
         base = f"http://{parent.addr}"
         url = f"{base}/clerk-users-webhook"
-        before = await scrape(f"{base}/metrics")
+        metrics_url = f"http://127.0.0.1:{parent.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as response:
+            assert response.status == 404
+        before = await scrape(metrics_url)
         outcomes: list[str] = []
         for i in range(12):
             # A new connection per delivery: the kernel spreads them over both workers.
@@ -362,8 +367,8 @@ async def test_sidecar_workers_count_deliveries_by_type_and_outcome(mongo: Embed
                     login = clerk_event("session.created", f"user_nobody{i}")
                     outcomes.append(await post(session, url, login, f"msg_s{i}", WEBHOOK_SECRET))
         assert sorted(set(outcomes)) == ["applied", "duplicate", "http 401", "ignored"]
-        after = await scrape(f"{base}/metrics")  # any worker answers with the sum of both
-        again = await scrape(f"{base}/metrics")
+        after = await scrape(metrics_url)
+        again = await scrape(metrics_url)
         name = "authsvc_webhook_deliveries_total"
         assert delta(before, after, name, type="user.created", outcome="applied") == 12
         assert delta(before, after, name, type="user.created", outcome="duplicate") == 3

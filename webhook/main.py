@@ -9,34 +9,47 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 
 from service.clerkapi import ClerkBackend
+from service.exposition import metrics_server
 from service.logs import fields
 from service.repair import Repairer
 from service.settings import Settings
 from service.startup import StartupError, split_addr, until_signalled, user_store
 from service.users import UserStore
 from webhook.app import create_app
+from webhook.limits import Limits, descriptor_budget, quiet_accept_errors, start_site
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
 async def sidecar(
-    settings: Settings, store: UserStore, routes: Sequence[web.RouteDef] = (), *, reuse_port: bool = False
+    settings: Settings,
+    store: UserStore,
+    routes: Sequence[web.RouteDef] = (),
+    *,
+    worker: bool = False,
+    limits: Limits | None = None,
 ) -> AsyncIterator[int]:
     """Serve the sidecar on ``AUTHSVC_WEBHOOK_ADDR`` until the block exits; yields the bound port.
 
-    ``reuse_port`` (``SO_REUSEPORT``) only for the workers of one ``authsvc webhook``.
+    ``worker``: one of the workers of one ``authsvc webhook``, sharing the
+    address (``SO_REUSEPORT``); their parent serves ``AUTHSVC_WEBHOOK_METRICS_ADDR``.
+    ``limits``: the contract's (:class:`Limits`) unless a test passes smaller ones.
     """
-    app = create_app(settings, store)
+    limits = descriptor_budget(limits or Limits())
+    app = create_app(settings, store, limits)
     app.add_routes(list(routes))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(runner.cleanup)
+        if settings.webhook_metrics_addr and not worker:
+            metrics = metrics_server(settings.webhook_metrics_addr, "AUTHSVC_WEBHOOK_METRICS_ADDR")
+            await stack.enter_async_context(metrics)
+        stack.enter_context(quiet_accept_errors())
         host, port = split_addr(settings.webhook_addr)
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         try:
-            await site.start()
+            await start_site(runner, host, port, limits, reuse_port=worker)
         except OSError as exc:
             raise StartupError(f"cannot listen on {settings.webhook_addr}: {exc.strerror}") from exc
         bound: int = runner.addresses[0][1] if runner.addresses else port
@@ -65,7 +78,7 @@ async def run_webhook(settings: Settings, *, worker: bool = False, on_ready: Cal
     ``worker``: one of several workers (:mod:`service.workers`) sharing the
     address with ``SO_REUSEPORT``; ``on_ready`` is called once serving.
     """
-    async with user_store(settings) as store, sidecar(settings, store, reuse_port=worker):
+    async with user_store(settings) as store, sidecar(settings, store, worker=worker):
         if on_ready is not None:
             on_ready()
         await until_signalled()

@@ -37,6 +37,7 @@ DEV = Command(
         "tls_client_ca",
         "drain_s",
         "metrics_addr",
+        "webhook_metrics_addr",
         "sync_interval_s",
         "ext_authz",
         "callers_file",
