@@ -335,6 +335,14 @@ class Spread:
         return f"{self.median:{fmt}} ({low:{fmt}}-{high:{fmt}}, n={len(self.values)})"
 
 
+def median_figure(name: str, runs: list[Figure]) -> Figure:
+    """The run of median throughput, with the spread of all runs in its note."""
+    ordered = sorted(runs, key=lambda f: f.rps)
+    chosen = ordered[len(ordered) // 2]
+    chosen.note = "runs in order: " + ", ".join(f"{f.rps:,.0f}" for f in runs) + " rps"
+    return chosen
+
+
 def pair_ratios(tops: list[float], bottoms: list[float]) -> Spread:
     """The ratio of each interleaved pair (the i-th run of A over the i-th run of B)."""
     return Spread([t / b for t, b in zip(tops, bottoms, strict=True) if b])

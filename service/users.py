@@ -23,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from service.errors import DatabaseUnavailable
+from service.ledger import DUPLICATE_KEY, LedgerWriter
 from service.logs import fields
 from service.roles import DEFAULT_ROLE, Role
 from service.settings import DeleteMode
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 Document = dict[str, Any]
 LEDGER_TTL = timedelta(days=7)
 LEDGER_WRITE_CONCERN = WriteConcern(w=1, j=False)  # see UserStore.__init__
-DUPLICATE_KEY = 11000
 MIRRORED_CHUNK = 50  # ids per query of UserStore.mirrored
 ROLE_ONLY = {"role": 1}  # the projection of a write that returns the role it replaced, for the audit
 
@@ -227,7 +227,7 @@ class UserStore:
         # The ledger entry is written after the effect and need not be durable: every effect is
         # guarded against a repeat (lastSvixId, terminal deletes, forward-only logins), so an entry
         # lost in a crash only makes a redelivery re-check and answer as before. One fsync less.
-        self._ledger = db.get_collection("webhook_events", write_concern=LEDGER_WRITE_CONCERN)
+        self._ledger_writer = LedgerWriter(db.get_collection("webhook_events", write_concern=LEDGER_WRITE_CONCERN))
         self.role_changes: AsyncCollection[Document] = db.get_collection("role_changes", write_concern=write_concern)
         self.leases: AsyncCollection[Document] = db.get_collection("leases", write_concern=write_concern)
 
@@ -251,7 +251,10 @@ class UserStore:
 
     # --- the dedupe ledger ---------------------------------------------------
     async def record_delivery(self, svix_id: str, event_type: str, external_id: str | None, outcome: Outcome) -> bool:
-        """Write the ledger entry, after the effect. False when another delivery recorded it first."""
+        """Write the ledger entry, after the effect. False when another delivery recorded it first.
+
+        Entries of concurrent deliveries are written together (:class:`LedgerWriter`).
+        """
         entry = {
             "_id": svix_id,
             "type": event_type,
@@ -260,11 +263,7 @@ class UserStore:
             "receivedAt": _now(),
         }
         async with _translate():
-            try:
-                await self._ledger.insert_one(entry)
-            except DuplicateKeyError:
-                return False
-        return True
+            return await self._ledger_writer.record(entry)
 
     # --- Clerk events --------------------------------------------------------
     async def upsert_from_clerk(

@@ -12,16 +12,15 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
-from pymongo import WriteConcern, monitoring
 
 from authsvc.dev.procs import child_env, run
 from service.clerkapi import ClerkBackend
-from service.database import make_client
 from service.embedded import EmbeddedMongo
 from service.roles import Role
 from service.settings import Settings
 from service.sync import reconcile, run_sync
 from service.users import MIRRORED_CHUNK, UserProfile, UserStore
+from tests.commands import watched_store
 from tests.fakeclerk import SECRET, FakeClerk, mirror
 
 AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
@@ -288,35 +287,11 @@ async def test_sync_help_lists_its_options_and_settings(tmp_path: Path) -> None:
 
 
 # --- the page write: one read, one unordered bulk write, decided per user ---------------------------
-class Commands(monitoring.CommandListener):
-    """The commands a client sent, as (command, collection)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str]] = []
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        self.sent.append((event.command_name, str(event.command.get(event.command_name))))
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-    def count(self, command: str, collection: str) -> int:
-        return self.sent.count((command, collection))
-
-
 async def test_each_page_is_one_read_and_one_bulk_write_and_role_changes_are_audited_in_bulk(
     fake_clerk: FakeClerk, client: ClerkBackend, settings: Settings, mongo: EmbeddedMongo
 ) -> None:
     users = fake_clerk.add_users(1_000)
-    commands = Commands()
-    watched = make_client(mongo.uri, event_listeners=[commands])
-    try:
-        store = UserStore(watched[settings.mongodb_db], write_concern=WriteConcern(j=True))
-        await store.ensure_indexes()
-        commands.sent.clear()
+    async with watched_store(mongo, settings.mongodb_db) as (store, commands):
         assert (await reconcile(client, store)).created == 1_000
         # Two pages: each one read (split into queries of MIRRORED_CHUNK ids) and one insert of 500.
         assert commands.count("insert", "users") == 2 and commands.count("update", "users") == 0
@@ -339,8 +314,6 @@ async def test_each_page_is_one_read_and_one_bulk_write_and_role_changes_are_aud
             (uid, roles[uid], "superadmin" if roles[uid] != "superadmin" else "staff", "clerk", "sync")
             for uid in promoted
         }
-    finally:
-        await watched.close()
 
 
 async def test_a_user_changed_between_the_page_read_and_its_write_is_decided_per_user(store: UserStore) -> None:
