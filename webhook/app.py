@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from service import exposition
+from service.dbmonitor import DatabaseMonitor
 from service.errors import AuthError, InvalidArgument, PayloadTooLarge, status_of
 from service.logs import fields
 from service.metrics import WEBHOOK_DELIVERIES, WEBHOOK_DELIVERY_SECONDS
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024  # 1 MiB
 
 STORE = web.AppKey("store", UserStore)
+DATABASE = web.AppKey("database", DatabaseMonitor)  # set by the composition root: /readyz follows it
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
 
 
@@ -95,7 +97,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[STORE].ping():
+    monitor = request.app.get(DATABASE)
+    if monitor.up if monitor is not None else await request.app[STORE].ping():
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "database unavailable"}, status=HTTPStatus.SERVICE_UNAVAILABLE)
 

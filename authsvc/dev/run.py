@@ -17,7 +17,7 @@ from pathlib import Path
 from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service.app import grpc_service
 from service.settings import Settings
-from service.startup import StartupError, split_addr, until_signalled, user_store
+from service.startup import StartupError, served_database, split_addr, until_signalled
 from webhook.main import sidecar
 
 DEV_AZP = "http://localhost:3000"
@@ -101,9 +101,9 @@ async def run(settings: Settings) -> None:
         )
     )
     async with (
-        user_store(settings) as store,
-        sidecar(settings, store, jwks_routes(issuer)),
-        grpc_service(settings, store) as service,
+        served_database(settings) as database,
+        sidecar(settings, database.store, jwks_routes(issuer), monitor=database.monitor),
+        grpc_service(settings, database.store, monitor=database.monitor) as service,
     ):
         state = {
             "issuer": issuer_url,
@@ -114,7 +114,7 @@ async def run(settings: Settings) -> None:
         }
         _write_private(directory / "dev.json", json.dumps(state, indent=2))
         print(banner(state), flush=True)
-        await until_signalled()
+        await until_signalled(database)
 
 
 def print_token(settings: Settings, subject: str, *, ttl_s: int = 3600) -> int:
