@@ -4,9 +4,10 @@ Both processes run one :class:`DatabaseMonitor` once the database has first
 answered (:mod:`service.startup` waits for that). It pings every
 ``interval_s`` with a ``timeout_s`` budget (``pymongo.timeout``), so:
 
-- a refused connection is noticed at the next ping, at once: the driver's
-  own monitor has already dropped the server, so "no primary known" counts
-  as down without waiting for the ping's server selection;
+- a refused connection is noticed at the next ping, within ``quick_s``:
+  the driver's own monitor has already dropped the server, and with no
+  primary known the ping waits only that long for one (a server dropped
+  after one broken connection is found again in milliseconds);
 - a silent partition (connections accepted, nothing answers) is noticed
   when a ping times out: within ``interval_s + timeout_s`` (2 s);
 - while down it pings every ``retry_s``, and a server that answers again is
@@ -46,11 +47,13 @@ class DatabaseMonitor:
         *,
         interval_s: float = 0.5,
         timeout_s: float = 1.5,
+        quick_s: float = 0.5,
         retry_s: float = 0.25,
     ) -> None:
         self._db = db
         self._interval = interval_s
         self._timeout = timeout_s
+        self._quick = quick_s
         self._retry = retry_s
         self._up = asyncio.Event()
         self.started = False  # the database answered once and the loop runs
@@ -116,10 +119,9 @@ class DatabaseMonitor:
 
     async def check(self) -> bool:
         """Ping once (within the timeout); record and return whether the database answered."""
-        if self.up and not self._db.client.topology_description.has_writable_server():
-            self._lost("no primary known to the driver")  # refused: the driver's monitor saw it first
+        known = self._db.client.topology_description.has_writable_server()
         try:
-            with pymongo.timeout(self._timeout):
+            with pymongo.timeout(self._timeout if known else self._quick):
                 await self._db.command("ping")
         except PyMongoError as exc:
             self._lost(f"{type(exc).__name__}: {str(exc)[:200]}")
