@@ -35,6 +35,14 @@ SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 READ_METHODS = ("VerifyToken", "GetUser")
 
 
+# With several servers, a replaced one must be found again quickly: gRPC re-resolves a name only when a
+# connection fails or ends (at most every 30 s by default) and backs reconnections off up to 120 s.
+BALANCED_OPTIONS: list[tuple[str, str | int]] = [
+    ("grpc.dns_min_time_between_resolutions_ms", 5_000),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+
 def balanced(target: str) -> bool:
     """True when ``target`` may name several servers: a ``dns:`` target, or an ``ipv4:``/``ipv6:`` list."""
     scheme, _, rest = target.partition(":")
@@ -93,8 +101,13 @@ class AuthsvcClient:
     ) -> None:
         self._target = target
         self._credentials = credentials
-        config = service_config(attempts, balance=balanced(target) if balance is None else balance)
-        self._options = [("grpc.enable_retries", 1), ("grpc.service_config", config)]
+        balance = balanced(target) if balance is None else balance
+        self._options: list[tuple[str, str | int]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(attempts, balance=balance)),
+        ]
+        if balance:
+            self._options += BALANCED_OPTIONS
         self._channel: grpc.aio.Channel | None = None
         self._stub_: authsvc_pb2_grpc.AuthServiceAsyncStub | None = None
         self.timeout_s = timeout_s
