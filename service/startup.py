@@ -6,10 +6,12 @@ first attempt to reach it is made at once; if MongoDB does not answer, the
 server starts anyway (listening, ``NOT_SERVING``, ``/readyz`` 503) and the
 attempts go on in the background with a backoff of 0.5 s doubling to 10 s,
 one warning line each, until it answers: then the indexes are made and the
-:class:`service.dbmonitor.DatabaseMonitor` takes over. A malformed URI, or
-credentials the server refuses, stop startup at once (one line, exit 2), also
-when the refusal comes on a later attempt. ``authsvc sync`` uses
-:func:`user_store`: one attempt, and exit 2 when it fails.
+:class:`service.dbmonitor.DatabaseMonitor` takes over. Only a database that
+does not answer is waited for: a malformed URI, or a server that answers with
+a refusal (credentials, privileges, an index its data cannot take), stops
+startup at once (one line, exit 2), also when the refusal comes on a later
+attempt. ``authsvc sync`` uses :func:`user_store`: one attempt, and exit 2
+when it fails.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pymongo
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ConfigurationError, ConnectionFailure, ExecutionTimeout, PyMongoError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
 from service.database import Database, describe_failure, open_database
@@ -36,7 +38,6 @@ from service.users import UserStore
 log = logging.getLogger(__name__)
 
 ATTEMPT_TIMEOUT_S = 2.0  # one attempt to reach the database (its ping; making the indexes may take longer)
-_REFUSED = (13, 18)  # Unauthorized, AuthenticationFailed: the server refuses these credentials
 
 
 class StartupError(Exception):
@@ -58,14 +59,11 @@ async def _open(settings: Settings) -> Database:
         raise StartupError(describe_failure(settings.mongodb_uri or "", exc)) from exc
 
 
-def _refused(exc: BaseException) -> bool:
-    """The server refused authsvc (credentials, privileges): waiting will not help."""
-    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
-    return isinstance(cause, OperationFailure) and cause.code in _REFUSED
-
-
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, PyMongoError | DatabaseUnavailable) and not _refused(exc)
+    """The database did not answer (yet): worth another attempt. A server that answers with a refusal
+    (credentials, privileges, an index its data cannot take) will not change its mind."""
+    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
+    return isinstance(cause, ConnectionFailure | ExecutionTimeout | ConfigurationError)
 
 
 def _describe(uri: str, exc: BaseException) -> str:
@@ -107,10 +105,23 @@ class ServedDatabase:
     store: UserStore
     monitor: DatabaseMonitor
     uri: str
-    connected: asyncio.Event = field(default_factory=asyncio.Event)
     failure: StartupError | None = None
     _first: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def start(self, database: Database) -> None:
+        """Attempt to reach the database; return after the first attempt, raise if it was refused."""
+        self._task = asyncio.create_task(self._connect(database), name="database-connect")
+        await self._first.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.monitor.close()
 
     async def _connect(self, database: Database) -> None:
         retrying = AsyncRetrying(
@@ -125,7 +136,6 @@ class ServedDatabase:
             self.failure = StartupError(_describe(self.uri, exc))
         else:
             self.monitor.start()
-            self.connected.set()
             log.info("database connected", extra=fields(db=self.store.users.database.name))
         finally:
             self._first.set()
@@ -154,23 +164,16 @@ async def served_database(settings: Settings) -> AsyncIterator[ServedDatabase]:
     """The database of a server process, without waiting for it (see the module); closed on exit.
 
     Raises :class:`StartupError` at once for a malformed URI, an embedded
-    server that cannot start, or credentials refused on the first attempt.
+    server that cannot start, or a refusal on the first attempt.
     """
     database = await _open(settings)
     try:
-        store = _store(settings, database)
-        served = ServedDatabase(store, DatabaseMonitor(database.db), settings.mongodb_uri or "")
-        served._task = asyncio.create_task(served._connect(database), name="database-connect")
+        served = ServedDatabase(_store(settings, database), DatabaseMonitor(database.db), settings.mongodb_uri or "")
         try:
-            await served._first.wait()
-            if served.failure is not None:
-                raise served.failure
+            await served.start(database)
             yield served
         finally:
-            served._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await served._task
-            await served.monitor.close()
+            await served.close()
     finally:
         await database.close()
 
