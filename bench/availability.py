@@ -68,15 +68,18 @@ async def simulate_election(
 
     First each fault of :data:`ELECTION_FAULTS` in turn (``fault_s`` each, on
     the next two matching commands: a retry meets the new primary), then no
-    primary at all for the rest (``replSetStepDown``: writes wait for one).
+    primary at all for the rest (``replSetStepDown``: writes wait for one),
+    the old primary gone for the change stream too: its ``getMore`` and every
+    resume fail with ``InterruptedDueToReplStateChange`` until the end.
     """
     for fault in ELECTION_FAULTS:
         await fail_point(admin, {"times": 2}, failCommands=list(ELECTION_COMMANDS), appName=app_name, **fault)
         await asyncio.sleep(fault_s)
-    await fail_point(admin, "off")
-    without_primary = max(1.0, seconds - fault_s * len(ELECTION_FAULTS))
-    await admin.admin.command({"replSetStepDown": round(without_primary), "force": True})
+    without_primary = max(1, round(seconds - fault_s * len(ELECTION_FAULTS)))
+    await fail_point(admin, "alwaysOn", failCommands=["getMore", "aggregate"], errorCode=11602, appName=app_name)
+    await admin.admin.command({"replSetStepDown": without_primary, "force": True})
     await asyncio.sleep(without_primary)
+    await fail_point(admin, "off")
 
 
 @dataclass

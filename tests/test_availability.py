@@ -272,7 +272,7 @@ async def test_an_election_under_load_fails_no_call_and_loses_no_delivery(
             url = f"http://127.0.0.1:{port}{settings.webhook_path}"
             verifying = asyncio.create_task(verify_load(authsvc, tokens, stop, concurrency=4))
             delivering = asyncio.create_task(deliver_updates(session, url, WEBHOOK_SECRET, updated, stop))
-            await simulate_election(admin, APP, 4.0, fault_s=0.4)
+            await simulate_election(admin, APP, 4.6, fault_s=0.4)  # then 3 s without a primary
             await run_until(stop, 0.5)
             verified, delivered = await verifying, await delivering
             print(f"\nelection: VerifyToken {verified}; webhook {delivered}")
