@@ -148,6 +148,8 @@ GRPC = Command(
         "ext_authz",
         "stale_s",
         "max_connection_age_s",
+        "callers_file",
+        "reflection",
     ),
     run=_serve_grpc,
     check=Settings.check_grpc,

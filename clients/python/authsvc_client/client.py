@@ -33,6 +33,8 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_ATTEMPTS = 4
 SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 READ_METHODS = ("VerifyToken", "GetUser")
+# The metadata that carries a caller's key (the server's AUTHSVC_CALLERS_FILE lists its SHA-256).
+KEY_METADATA = "x-authsvc-key"
 
 
 # With several servers, a replaced one must be found again quickly: gRPC re-resolves a name only when a
@@ -88,6 +90,8 @@ class AuthsvcClient:
     without it the channel is plaintext. ``attempts`` bounds the tries of a
     read call (1 disables retries). ``balance`` (default: :func:`balanced`
     of the target) spreads calls ``round_robin`` over the healthy servers.
+    ``key`` is this service's caller key, sent as ``x-authsvc-key`` metadata
+    on every call when the server lists its callers (``AUTHSVC_CALLERS_FILE``).
     """
 
     def __init__(
@@ -98,8 +102,10 @@ class AuthsvcClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         attempts: int = DEFAULT_ATTEMPTS,
         balance: bool | None = None,
+        key: str | None = None,
     ) -> None:
         self._target = target
+        self._metadata: tuple[tuple[str, str], ...] = ((KEY_METADATA, key),) if key else ()
         self._credentials = credentials
         balance = balanced(target) if balance is None else balance
         self._options: list[tuple[str, str | int]] = [
@@ -146,7 +152,7 @@ class AuthsvcClient:
         """
         request = authsvc_pb2.VerifyTokenRequest(token=token, min_role=int(min_role) if min_role else 0)  # type: ignore[arg-type]
         try:
-            reply = await self._stub.VerifyToken(request, timeout=timeout_s or self.timeout_s)
+            reply = await self._stub.VerifyToken(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
         return Identity.from_proto(reply)
@@ -155,7 +161,9 @@ class AuthsvcClient:
         """The user ``external_id`` (``is_active`` false once deleted); :class:`NotFound` when unknown."""
         try:
             reply = await self._stub.GetUser(
-                authsvc_pb2.GetUserRequest(external_id=external_id), timeout=timeout_s or self.timeout_s
+                authsvc_pb2.GetUserRequest(external_id=external_id),
+                timeout=timeout_s or self.timeout_s,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
@@ -174,7 +182,7 @@ class AuthsvcClient:
             reply = await self._stub.SetRole(
                 request,
                 timeout=timeout_s or self.timeout_s,
-                metadata=(("authorization", f"Bearer {caller_token}"),),
+                metadata=(*self._metadata, ("authorization", f"Bearer {caller_token}")),
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
