@@ -198,7 +198,9 @@ async def test_a_ban_applied_while_unreachable_is_seen_within_1s_of_reaching_the
                 assert (err.code(), reason_of(err)) == (grpc.StatusCode.PERMISSION_DENIED, "USER_INACTIVE")
                 break
             await asyncio.sleep(0.02)
-        assert time.monotonic() - healed < 1.0, "a ban applied during the outage must show within 1 s"
+        seen = time.monotonic() - healed
+        print(f"\nban seen {seen:.2f} s after the database was reachable again")
+        assert seen < 1.0, "a ban applied during the outage must show within 1 s"
         # The stream resumed from its token and dropped the entry: once answers come from memory again, still banned.
         await eventually(lambda: h.service.users.live, 5, "the stream resumed")
         assert await refusal(verify(h, token)) == (grpc.StatusCode.PERMISSION_DENIED, "USER_INACTIVE")
