@@ -84,3 +84,25 @@ async def test_a_connection_is_ended_after_its_age_while_calls_keep_succeeding(
         assert tally.failed == 0 and tally.ok > 0, tally
         # The first connection, then a new one after each GOAWAY (1 s +/- 10 %): the calls moved over unharmed.
         assert proxy.accepted >= 3, proxy.accepted
+
+
+async def test_the_client_balances_over_servers_and_skips_one_that_drains(
+    settings: Settings, store: UserStore, issuer: LocalIssuer
+) -> None:
+    await seed(store, "user_1")
+    async with serve(settings, store, issuer) as a, serve(settings, store, issuer) as b:
+        token = a.token("user_1")
+        guards = [a.service.server.calls, b.service.server.calls]
+        async with AuthsvcClient(f"ipv4:{a.target},{b.target}", attempts=1) as client:
+            before = [guard.last_started for guard in guards]
+            for _ in range(20):
+                await client.verify(token)
+            assert all(guard.last_started > then for guard, then in zip(guards, before, strict=True))  # both
+
+            await a.service.server.health.enter_graceful_shutdown()  # NOT_SERVING, as at SIGTERM
+            await asyncio.sleep(0.3)  # the client's health watch hears it
+            drained = guards[0].last_started
+            for _ in range(20):
+                await client.verify(token)
+            assert guards[0].last_started == drained  # no new call reached the draining server
+            assert guards[1].last_started > drained
