@@ -18,6 +18,7 @@ from service.access import RoleAdmin, UserReader
 from service.callerfile import RELOAD_S, CallersFile
 from service.callers import CallersFileError
 from service.clerkapi import ClerkBackend
+from service.database import GRPC_DEFAULTS
 from service.dbmonitor import DatabaseMonitor
 from service.exposition import metrics_server
 from service.jit import JitUsers
@@ -147,7 +148,7 @@ async def run_grpc(
     async with contextlib.AsyncExitStack() as stack:
         if not worker:
             await stack.enter_async_context(metrics_server(settings.metrics_addr))
-        database = await stack.enter_async_context(served_database(settings))
+        database = await stack.enter_async_context(served_database(settings, **GRPC_DEFAULTS))
         service = await stack.enter_async_context(
             grpc_service(settings, database.store, monitor=database.monitor, grace_s=grace_s, reuse_port=worker)
         )

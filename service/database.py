@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -42,13 +43,19 @@ DEFAULTS: dict[str, Any] = {
     "appname": "authsvc",
 }
 
+# `authsvc grpc` answers callers whose deadline is 5 s by default (the client package): its writes
+# (SetRole, just-in-time sync) wait at most this long for a primary, so an election is UNAVAILABLE
+# within the caller's deadline, never DEADLINE_EXCEEDED. Its reads have shorter timeouts still.
+GRPC_DEFAULTS: dict[str, Any] = {"serverSelectionTimeoutMS": 4_000}
+
 # Every 2xx of the sidecar waits for this: journaled, and on a majority of a replica set. A
 # standalone server accepts w: "majority" as journaled w: 1, so no round trip is needed to choose.
 DURABLE = WriteConcern(w="majority", j=True)
 
 
-def client_options(uri: str) -> dict[str, Any]:
-    """The keyword options for a client of ``uri``: :data:`DEFAULTS` minus what the URI sets itself.
+def client_options(uri: str, **defaults: Any) -> dict[str, Any]:
+    """The keyword options for a client of ``uri``: :data:`DEFAULTS` (updated with ``defaults``, a
+    process's own) minus what the URI sets itself.
 
     Keyword options override URI options in PyMongo, so a default is only
     passed when the URI is silent about it (names compared as the driver
@@ -60,7 +67,7 @@ def client_options(uri: str) -> dict[str, Any]:
         given = split_options(query) if query else {}
     except (ConfigurationError, ValueError, TypeError):
         given = {}
-    chosen = {name: value for name, value in DEFAULTS.items() if name.lower() not in given}
+    chosen = {name: value for name, value in {**DEFAULTS, **defaults}.items() if name.lower() not in given}
     return {**chosen, "tz_aware": True}
 
 
@@ -111,9 +118,10 @@ def describe_failure(uri: str, exc: BaseException) -> str:
     return line
 
 
-def make_client(uri: str, **overrides: Any) -> AsyncMongoClient[Document]:
-    """An ``AsyncMongoClient`` for ``uri`` with :func:`client_options` (code may override them); no I/O."""
-    return AsyncMongoClient(uri, **{**client_options(uri), **overrides})
+def make_client(uri: str, *, defaults: Mapping[str, Any] | None = None, **overrides: Any) -> AsyncMongoClient[Document]:
+    """An ``AsyncMongoClient`` for ``uri`` with :func:`client_options` (``defaults`` lose to the URI,
+    ``overrides`` win over it); no I/O."""
+    return AsyncMongoClient(uri, **{**client_options(uri, **(defaults or {})), **overrides})
 
 
 async def durable_write_concern(client: AsyncMongoClient[Document]) -> WriteConcern:
@@ -140,9 +148,10 @@ class Database:
             self.embedded.stop()
 
 
-async def open_database(settings: Settings) -> Database:
+async def open_database(settings: Settings, **defaults: Any) -> Database:
     """A client for ``MONGODB_URI``, or the embedded server under ``AUTHSVC_DATA_DIR`` (started first).
 
+    ``defaults`` are the process's own client defaults (the URI still wins).
     No round trip to the database: it may still be down (:mod:`service.startup`
     waits for it). Raises :class:`service.embedded.EmbeddedUnavailable` when the
     embedded server is needed but missing or failing to start, and
@@ -155,7 +164,7 @@ async def open_database(settings: Settings) -> Database:
         await embedded.start()
         uri = embedded.uri
     try:
-        client = make_client(uri)
+        client = make_client(uri, defaults=defaults)
     except (ConfigurationError, ValueError, TypeError) as exc:  # the driver parses the URI here
         if embedded is not None:
             embedded.stop()

@@ -22,6 +22,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pymongo
 from pymongo.errors import ConfigurationError, ConnectionFailure, ExecutionTimeout, PyMongoError
@@ -50,9 +51,9 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _open(settings: Settings) -> Database:
+async def _open(settings: Settings, **defaults: Any) -> Database:
     try:
-        return await open_database(settings)
+        return await open_database(settings, **defaults)
     except EmbeddedUnavailable as exc:
         raise StartupError(str(exc)) from exc
     except Exception as exc:
@@ -160,13 +161,14 @@ class ServedDatabase:
 
 
 @contextlib.asynccontextmanager
-async def served_database(settings: Settings) -> AsyncIterator[ServedDatabase]:
+async def served_database(settings: Settings, **defaults: Any) -> AsyncIterator[ServedDatabase]:
     """The database of a server process, without waiting for it (see the module); closed on exit.
 
+    ``defaults``: the process's own client defaults (:func:`service.database.open_database`).
     Raises :class:`StartupError` at once for a malformed URI, an embedded
     server that cannot start, or a refusal on the first attempt.
     """
-    database = await _open(settings)
+    database = await _open(settings, **defaults)
     try:
         served = ServedDatabase(_store(settings, database), DatabaseMonitor(database.db), settings.mongodb_uri or "")
         try:

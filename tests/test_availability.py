@@ -34,7 +34,7 @@ from authsvc.dev.procs import ServerProcess, child_env, free_port, health_check,
 from authsvc_client import AuthsvcClient
 from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from bench.availability import deliver_updates, fail_point, run_until, simulate_election, verify_load
-from service.database import DURABLE, client_options, make_client
+from service.database import DURABLE, GRPC_DEFAULTS, client_options, make_client
 from service.embedded import EmbeddedMongo
 from service.roles import Role
 from service.settings import Settings
@@ -301,6 +301,9 @@ def test_uri_options_win_over_authsvc_defaults() -> None:
     assert given["heartbeatFrequencyMS"] == 1000 and given["tz_aware"] is True
     silent = client_options("mongodb+srv://cluster.example/")
     assert silent["serverSelectionTimeoutMS"] == 10_000 and silent["appname"] == "authsvc"
+    # authsvc grpc's own default (SetRole answers within a 5 s deadline) loses to the URI just the same.
+    assert client_options("mongodb://db.example/", **GRPC_DEFAULTS)["serverSelectionTimeoutMS"] == 4_000
+    assert "serverSelectionTimeoutMS" not in client_options("mongodb://h/?serverSelectionTimeoutMS=300", **GRPC_DEFAULTS)
 
 
 async def test_an_appname_in_the_uri_is_what_the_server_sees(
