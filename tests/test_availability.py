@@ -303,7 +303,8 @@ def test_uri_options_win_over_authsvc_defaults() -> None:
     assert silent["serverSelectionTimeoutMS"] == 10_000 and silent["appname"] == "authsvc"
     # authsvc grpc's own default (SetRole answers within a 5 s deadline) loses to the URI just the same.
     assert client_options("mongodb://db.example/", **GRPC_DEFAULTS)["serverSelectionTimeoutMS"] == 4_000
-    assert "serverSelectionTimeoutMS" not in client_options("mongodb://h/?serverSelectionTimeoutMS=300", **GRPC_DEFAULTS)
+    given = client_options("mongodb://h/?serverSelectionTimeoutMS=300", **GRPC_DEFAULTS)
+    assert "serverSelectionTimeoutMS" not in given
 
 
 async def test_an_appname_in_the_uri_is_what_the_server_sees(
