@@ -350,13 +350,15 @@ async def test_servers_start_without_the_database_and_serve_once_it_answers(
         await proxy.refuse()  # no database yet
         grpc_port, webhook_port = free_port(), free_port()
         env = child_env(
-            MONGODB_URI=f"mongodb://{proxy.address}/?directConnection=true",
+            # Each attempt gives up after 0.5 s instead of 2 s: the backoff between attempts is what is tested.
+            MONGODB_URI=f"mongodb://{proxy.address}/?directConnection=true&serverSelectionTimeoutMS=500",
             MONGODB_DB=name,
             CLERK_FRONTEND_API_URL=issuer.url,
             CLERK_AUTHORIZED_PARTIES=FRONTEND,
             CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET,
             AUTHSVC_GRPC_ADDR=f"127.0.0.1:{grpc_port}",
             AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{webhook_port}",
+            AUTHSVC_DRAIN_S="0",
         )
         servers = [
             ServerProcess(kind, [AUTHSVC, kind], env=env, logfile=tmp_path / f"{kind}.log")
@@ -447,19 +449,19 @@ async def test_refused_credentials_exit_2_at_once_and_sync_still_needs_the_datab
     locked = EmbeddedMongo(tmp_path / "auth", flags=("--auth",))
     await locked.start()
     try:
-        uri = f"mongodb://authsvc:hunter22@127.0.0.1:{locked.port}/?directConnection=true"
+        refused = f"mongodb://authsvc:hunter22@127.0.0.1:{locked.port}/?directConnection=true"
+        unreachable = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=300"
+        grpc_env = child_env(MONGODB_URI=refused, CLERK_FRONTEND_API_URL="https://c.dev")
+        sync_env = child_env(MONGODB_URI=unreachable, CLERK_SECRET_KEY=SECRET, CLERK_API_URL=fake_clerk.url)
         started = time.monotonic()
-        code, _, err = await run(
-            AUTHSVC, "grpc", env=child_env(MONGODB_URI=uri, CLERK_FRONTEND_API_URL="https://c.dev"), cwd=tmp_path
+        (code, _, err), (sync_code, _, sync_err) = await asyncio.gather(
+            run(AUTHSVC, "grpc", env=grpc_env, cwd=tmp_path), run(AUTHSVC, "sync", env=sync_env, cwd=tmp_path)
         )
-        assert code == 2, err
-        assert err.count("\n") == 1 and err.startswith("authsvc: MongoDB at ") and "refused authsvc" in err, err
-        assert "hunter22" not in err
         assert time.monotonic() - started < 15  # no waiting for a database that will never let it in
     finally:
         locked.stop()
-    unreachable = f"mongodb://127.0.0.1:{free_port()}/"
-    env = child_env(MONGODB_URI=unreachable, CLERK_SECRET_KEY=SECRET, CLERK_API_URL=fake_clerk.url)
-    code, _, err = await run(AUTHSVC, "sync", env=env, cwd=tmp_path)
     assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("authsvc: cannot reach MongoDB at 127.0.0.1:"), err
+    assert err.count("\n") == 1 and err.startswith("authsvc: MongoDB at ") and "refused authsvc" in err, err
+    assert "hunter22" not in err
+    assert sync_code == 2, sync_err
+    assert sync_err.count("\n") == 1 and sync_err.startswith("authsvc: cannot reach MongoDB at 127.0.0.1:"), sync_err
