@@ -146,6 +146,8 @@ GRPC = Command(
         "workers",
         "metrics_addr",
         "ext_authz",
+        "stale_s",
+        "max_connection_age_s",
         "callers_file",
         "reflection",
     ),

@@ -7,7 +7,9 @@ worker; the worker supervisor sees to that.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import functools
+
+from prometheus_client import Counter, Gauge, Histogram
 
 # go-grpc-prometheus names, for every RPC served.
 GRPC_STARTED = Counter(
@@ -48,3 +50,22 @@ CLERK_REQUESTS = Counter(
     "authsvc_clerk_requests", "Clerk Backend API requests, by operation and status.", ["op", "status"]
 )
 SYNC_USERS = Counter("authsvc_sync_users", "Users seen by a sync, by outcome.", ["outcome"])
+
+
+# Gauges are made on first use, by the processes that watch the database: in multiprocess mode a
+# gauge gets a value (0) for every process that creates it, and the parent of the workers (which
+# never watches the database) would pin the minimum at 0. "live" modes forget dead workers.
+@functools.cache
+def database_up() -> Gauge:
+    """``authsvc_database_up``: 1 while MongoDB answers this process, else 0; the minimum over workers."""
+    return Gauge("authsvc_database_up", "1 while MongoDB answers this process, else 0.", multiprocess_mode="livemin")
+
+
+@functools.cache
+def user_cache_stale_seconds() -> Gauge:
+    """``authsvc_user_cache_stale_seconds``: 0 while the change stream is live; the maximum over workers."""
+    return Gauge(
+        "authsvc_user_cache_stale_seconds",
+        "0 while the users change stream is live, else seconds since it last confirmed the cache.",
+        multiprocess_mode="livemax",
+    )

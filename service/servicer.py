@@ -29,7 +29,7 @@ from service.convert import bearer_token, role_from_proto, user_message, verify_
 from service.errors import AuthError, InvalidArgument, UserNotFound, status_of
 from service.metrics import DENIALS
 from service.tokens import TokenVerifier, VerifiedToken
-from service.users import UserRecord, UserStore
+from service.users import UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,11 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
     """``authsvc.v1.AuthService``: VerifyToken, GetUser, SetRole.
 
     ``users`` serves VerifyToken's hot-path reads (the store, or its cache);
+    ``store`` serves GetUser (the user cache, or the store itself);
     ``roles`` applies SetRole's rules.
     """
 
-    def __init__(self, store: UserStore, verifier: TokenVerifier, users: UserReader, roles: RoleAdmin) -> None:
+    def __init__(self, store: UserReader, verifier: TokenVerifier, users: UserReader, roles: RoleAdmin) -> None:
         self._store = store
         self._users = users
         self._verifier = verifier

@@ -161,6 +161,20 @@ class Settings(BaseModel):
     ext_authz: bool = Field(
         False, alias="AUTHSVC_EXT_AUTHZ", description="on: serve Envoy's envoy.service.auth.v3.Authorization/Check"
     )
+    stale_s: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        alias="AUTHSVC_STALE_S",
+        description="answer from the user cache this long while the database is unreachable; 0: fail closed",
+    )
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        le=86400,
+        alias="AUTHSVC_MAX_CONNECTION_AGE_S",
+        description="end each gRPC connection gracefully after about this long (rebalancing); 0: never",
+    )
     callers_file: Path | None = Field(
         None,
         alias="AUTHSVC_CALLERS_FILE",

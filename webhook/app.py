@@ -9,6 +9,7 @@ from http import HTTPStatus
 from aiohttp import web
 
 from service import exposition
+from service.dbmonitor import DatabaseMonitor
 from service.errors import AuthError, status_of
 from service.logs import fields
 from service.metrics import WEBHOOK_DELIVERIES, WEBHOOK_DELIVERY_SECONDS
@@ -23,6 +24,7 @@ from webhook.signatures import SignatureVerifier, header
 log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", UserStore)
+DATABASE = web.AppKey("database", DatabaseMonitor)  # set by the composition root: /readyz follows it
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
 LIMITS = web.AppKey("limits", Limits)
 
@@ -72,7 +74,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[STORE].ping():
+    monitor = request.app.get(DATABASE)
+    if monitor.up if monitor is not None else await request.app[STORE].ping():
         return web.json_response({"status": "ready"})
     # A public probe: ready or not, nothing about why.
     return web.json_response({"status": "not ready"}, status=HTTPStatus.SERVICE_UNAVAILABLE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -9,13 +10,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 
 from service.clerkapi import ClerkBackend
+from service.dbmonitor import DatabaseMonitor
 from service.exposition import metrics_server
 from service.logs import fields
 from service.repair import Repairer
 from service.settings import Settings
-from service.startup import StartupError, split_addr, until_signalled, user_store
+from service.startup import StartupError, served_database, split_addr, until_signalled
 from service.users import UserStore
-from webhook.app import create_app
+from webhook.app import DATABASE, create_app
 from webhook.limits import Limits, descriptor_budget, quiet_accept_errors, start_site
 
 log = logging.getLogger(__name__)
@@ -29,15 +31,20 @@ async def sidecar(
     *,
     worker: bool = False,
     limits: Limits | None = None,
+    monitor: DatabaseMonitor | None = None,
 ) -> AsyncIterator[int]:
     """Serve the sidecar on ``AUTHSVC_WEBHOOK_ADDR`` until the block exits; yields the bound port.
 
     ``worker``: one of the workers of one ``authsvc webhook``, sharing the
     address (``SO_REUSEPORT``); their parent serves ``AUTHSVC_WEBHOOK_METRICS_ADDR``.
     ``limits``: the contract's (:class:`Limits`) unless a test passes smaller ones.
+    ``monitor`` (the database's, from :func:`service.startup.served_database`) answers ``/readyz``;
+    without one, ``/readyz`` pings.
     """
     limits = descriptor_budget(limits or Limits())
     app = create_app(settings, store, limits)
+    if monitor is not None:
+        app[DATABASE] = monitor
     app.add_routes(list(routes))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
@@ -54,11 +61,13 @@ async def sidecar(
             raise StartupError(f"cannot listen on {settings.webhook_addr}: {exc.strerror}") from exc
         bound: int = runner.addresses[0][1] if runner.addresses else port
         log.info("webhook sidecar listening", extra=fields(addr=f"{host}:{bound}", path=settings.webhook_path))
-        await _periodic_repair(settings, store, stack)
+        await _periodic_repair(settings, store, stack, monitor)
         yield bound
 
 
-async def _periodic_repair(settings: Settings, store: UserStore, stack: contextlib.AsyncExitStack) -> None:
+async def _periodic_repair(
+    settings: Settings, store: UserStore, stack: contextlib.AsyncExitStack, monitor: DatabaseMonitor | None
+) -> None:
     """With ``AUTHSVC_SYNC_INTERVAL_S`` and ``CLERK_SECRET_KEY``: reconcile from Clerk on that interval."""
     if not settings.sync_interval_s:
         return
@@ -68,8 +77,17 @@ async def _periodic_repair(settings: Settings, store: UserStore, stack: contextl
     clerk = ClerkBackend(settings.clerk_api_url, settings.clerk_secret_key)
     stack.push_async_callback(clerk.close)
     repairer = Repairer(store, clerk, settings.sync_interval_s)
-    await repairer.start()
     stack.push_async_callback(repairer.close)
+    if monitor is None or monitor.up:
+        await repairer.start()
+        return
+
+    async def once_reachable() -> None:  # a sidecar started without its database repairs once it has one
+        await monitor.wait_up()
+        await repairer.start()
+
+    waiting = asyncio.create_task(once_reachable(), name="periodic-repair-start")
+    stack.callback(waiting.cancel)
 
 
 async def run_webhook(settings: Settings, *, worker: bool = False, on_ready: Callable[[], None] | None = None) -> None:
@@ -78,7 +96,10 @@ async def run_webhook(settings: Settings, *, worker: bool = False, on_ready: Cal
     ``worker``: one of several workers (:mod:`service.workers`) sharing the
     address with ``SO_REUSEPORT``; ``on_ready`` is called once serving.
     """
-    async with user_store(settings) as store, sidecar(settings, store, worker=worker):
+    async with (
+        served_database(settings) as database,
+        sidecar(settings, database.store, monitor=database.monitor, worker=worker),
+    ):
         if on_ready is not None:
             on_ready()
-        await until_signalled()
+        await until_signalled(database)

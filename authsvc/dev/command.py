@@ -42,6 +42,8 @@ DEV = Command(
         "ext_authz",
         "callers_file",
         "reflection",
+        "stale_s",
+        "max_connection_age_s",
     ),
     run=_serve_dev,
     check=Settings.check_dev,

@@ -21,7 +21,7 @@ from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service.app import grpc_service
 from service.embedded import private_directory
 from service.settings import Settings
-from service.startup import StartupError, split_addr, until_signalled, user_store
+from service.startup import StartupError, served_database, split_addr, until_signalled
 from webhook.main import sidecar
 
 DEV_AZP = "http://localhost:3000"
@@ -113,9 +113,9 @@ async def run(settings: Settings) -> None:
         )
     )
     async with (
-        user_store(settings) as store,
-        sidecar(settings, store, jwks_routes(issuer)),
-        grpc_service(settings, store) as service,
+        served_database(settings) as database,
+        sidecar(settings, database.store, jwks_routes(issuer), monitor=database.monitor),
+        grpc_service(settings, database.store, monitor=database.monitor) as service,
     ):
         state = {
             "issuer": issuer_url,
@@ -128,7 +128,7 @@ async def run(settings: Settings) -> None:
         }
         _write_private(directory / "dev.json", json.dumps(state, indent=2))
         print(banner(state), flush=True)
-        await until_signalled()
+        await until_signalled(database)
 
 
 def print_token(settings: Settings, subject: str, *, ttl_s: int = 3600) -> int:
