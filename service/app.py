@@ -1,8 +1,9 @@
 """The gRPC process's composition root: every resource built here, in one ``AsyncExitStack``.
 
 :func:`grpc_service` builds the token verifier, the optional Clerk client,
-the user cache (with just-in-time sync around it), the role rules, the servicer and the server over a store the
-caller owns, and closes them in reverse order. ``authsvc grpc`` wraps it in
+the user cache (with just-in-time sync around it), the revoked sessions and
+the session rules, the role rules, the servicer and the server over a store
+the caller owns, and closes them in reverse order. ``authsvc grpc`` wraps it in
 :func:`run_grpc`; ``authsvc dev`` and the tests use it directly.
 """
 
@@ -17,8 +18,10 @@ from service.access import RoleAdmin, UserReader
 from service.clerkapi import ClerkBackend
 from service.exposition import metrics_server
 from service.jit import JitUsers
+from service.revocations import RevokedSessions
 from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
+from service.sessions import SessionRules
 from service.settings import Settings
 from service.startup import StartupError, until_signalled, user_store
 from service.tokens import TokenVerifier
@@ -37,6 +40,7 @@ class GrpcService:
     users: UserCache
     clerk: ClerkBackend | None
     reader: UserReader  # what token-checking paths read users through: the cache, with JIT sync around it
+    revoked: RevokedSessions
 
     @property
     def port(self) -> int:
@@ -69,12 +73,21 @@ async def grpc_service(
             jit = JitUsers(users, store, clerk)
             stack.push_async_callback(jit.close)
             reader = jit
-        servicer = AuthServicer(store, verifier, reader, RoleAdmin(store, verifier, clerk))
-        extra = [_ext_authz(verifier, reader, servicer)] if settings.ext_authz else []
+        revoked = RevokedSessions(store.revoked_sessions)
+        stack.push_async_callback(revoked.close)
+        await revoked.start()  # loaded before the first call, unless the database cannot be read yet
+        sessions = SessionRules(
+            revoked,
+            accept_pending=settings.accept_pending_sessions,
+            max_factor_age_min=settings.setrole_max_factor_age_min,
+        )
+        servicer = AuthServicer(store, verifier, reader, RoleAdmin(store, verifier, clerk, sessions), sessions)
+        extra = [_ext_authz(verifier, reader, sessions, servicer)] if settings.ext_authz else []
 
         async def ready() -> bool:
-            # No signing key at all (a cold start with the JWKS down): no token can be verified.
-            return verifier.ready and await store.ping()
+            # No signing key at all (a cold start with the JWKS down): no token can be verified;
+            # revoked sessions not read yet: no token with a sid can be judged.
+            return verifier.ready and revoked.loaded and await store.ping()
 
         try:
             server = await start_server(
@@ -87,16 +100,18 @@ async def grpc_service(
             log.warning("CLERK_AUTHORIZED_PARTIES is unset: the azp claim is not checked")
         if not settings.clerk_secret_key:
             log.warning("CLERK_SECRET_KEY is unset: SetRole writes MongoDB only; the next Clerk event wins")
-        yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk, reader=reader)
+        yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk, reader=reader, revoked=revoked)
 
 
-def _ext_authz(verifier: TokenVerifier, users: UserReader, servicer: AuthServicer) -> tuple[str, ExtraService]:
+def _ext_authz(
+    verifier: TokenVerifier, users: UserReader, sessions: SessionRules, servicer: AuthServicer
+) -> tuple[str, ExtraService]:
     """Envoy's Check over the same verifier and user reader as VerifyToken (AUTHSVC_EXT_AUTHZ=on)."""
     try:
         from service.extauthz import SERVICE_NAME, ExtAuthzServicer
     except ImportError as exc:
         raise StartupError("AUTHSVC_EXT_AUTHZ=on needs the Envoy stubs: pip install 'authsvc[envoy]'") from exc
-    return SERVICE_NAME, ExtAuthzServicer(verifier, users, servicer.serve)
+    return SERVICE_NAME, ExtAuthzServicer(verifier, users, sessions, servicer.serve)
 
 
 async def run_grpc(

@@ -146,6 +146,8 @@ GRPC = Command(
         "workers",
         "metrics_addr",
         "ext_authz",
+        "accept_pending_sessions",
+        "setrole_max_factor_age_min",
     ),
     run=_serve_grpc,
     check=Settings.check_grpc,

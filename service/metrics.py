@@ -7,7 +7,7 @@ worker; the worker supervisor sees to that.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # go-grpc-prometheus names, for every RPC served.
 GRPC_STARTED = Counter(
@@ -43,3 +43,7 @@ CLERK_REQUESTS = Counter(
     "authsvc_clerk_requests", "Clerk Backend API requests, by operation and status.", ["op", "status"]
 )
 SYNC_USERS = Counter("authsvc_sync_users", "Users seen by a sync, by outcome.", ["outcome"])
+# Held in each process; with workers, the smallest set of any live worker (one that lags shows).
+REVOKED_SESSIONS = Gauge(
+    "authsvc_revoked_sessions", "Revoked sessions held in this process's set.", multiprocess_mode="livemin"
+)

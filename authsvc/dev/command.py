@@ -39,6 +39,8 @@ DEV = Command(
         "metrics_addr",
         "sync_interval_s",
         "ext_authz",
+        "accept_pending_sessions",
+        "setrole_max_factor_age_min",
     ),
     run=_serve_dev,
     check=Settings.check_dev,
