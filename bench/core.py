@@ -9,6 +9,8 @@
 - ``interceptor``: the CPU the metrics interceptor adds to one unary call
   (the wrapped handler around an empty one, its counters and histogram
   included), against the bare handler.
+- ``session rules``: the revoked-session lookup every token check makes
+  (:mod:`bench.sessions`).
 
 Every figure is the median of the interleaved passes, timed in CPU seconds of this
 process (``time.process_time``), so that other load on the machine does not count.
@@ -25,6 +27,7 @@ from typing import Any
 import grpc
 
 from authsvc.dev.issuer import DevIssuer
+from bench import sessions
 from service.grpcmetrics import MetricsInterceptor
 from service.settings import Settings
 from service.tokens import TokenVerifier
@@ -134,6 +137,7 @@ async def run(*, tokens: int = 2000, passes: int = 5) -> list[str]:
         f"(empty handler {med(bare):,.0f}/s bare, {med(wrapped):,.0f}/s wrapped)",
         f"  first-seen authsvc / clerk   {med(ours_first) / med(clerk_first):.2f}  (target >= 1.0)",
         f"  repeated authsvc / clerk     {med(ours_repeat) / med(clerk_repeat):.1f}  (target >= 20)",
+        *sessions.run(),
     ]
 
 
