@@ -36,10 +36,11 @@ from typing import Any
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
-from service.errors import DatabaseUnavailable
 from service.logs import fields
 from service.metrics import REVOKED_SESSIONS
-from service.users import Document, Outcome
+
+# The store's own clock (milliseconds, as BSON keeps them) and database-error mapping, shared, not copied.
+from service.users import Document, Outcome, _now, _translate
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,6 @@ class Revocation:
     expire_at: datetime | None  # data.expire_at: when the session would have expired anyway
 
 
-def _now() -> datetime:
-    # BSON dates hold milliseconds; truncate so what we return equals what is stored.
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
 async def revoke(collection: AsyncCollection[Document], revocation: Revocation, svix_id: str) -> Outcome:
     """Record ``revocation`` (durably, with the collection's write concern); nothing ever removes it early.
 
@@ -85,15 +80,12 @@ async def revoke(collection: AsyncCollection[Document], revocation: Revocation, 
         "expireAt": expire_at,
         "svixId": svix_id,
     }
-    try:
+    async with _translate():
         try:
             await collection.insert_one(document)
         except DuplicateKeyError:
             held = await collection.find_one({"_id": revocation.session_id}, {"svixId": 1})
             return Outcome.APPLIED if held is not None and held.get("svixId") == svix_id else Outcome.STALE
-    except PyMongoError as exc:
-        log.warning("database error", extra=fields(error=type(exc).__name__, detail=str(exc)[:300]))
-        raise DatabaseUnavailable("database unavailable") from exc
     log.info("session revoked", extra=fields(sid=revocation.session_id, userId=revocation.user_id))
     return Outcome.APPLIED
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tests.grpc_helpers import Harness, reason_of, serve
 from tests.issuer import LocalIssuer
 from tests.sidecar import Sender, fixture
 from tests.test_extauthz import check_request, denial, ok_headers
+from tests.test_usercache import eventually
 from webhook.main import sidecar
 
 UID = "user_2pQm7sX9aLkT4vB1nR8cYe3Hd0F"  # the fixtures' user
@@ -42,15 +42,6 @@ WEEK = timedelta(days=7)
 
 def ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> float:
-    """Poll ``check`` every 10 ms until it holds; return how long that took."""
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < timeout_s, "condition not reached in time"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 @contextlib.asynccontextmanager
