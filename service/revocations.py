@@ -172,7 +172,11 @@ class RevokedSessions:
                 self._lost(exc)
             except PyMongoError as exc:
                 self._lost(exc)
+            except Exception:
+                # Revocations must keep arriving whatever happens: say it loudly and follow again.
+                log.exception("revoked_sessions follower failed; following again")
             first.set()
+            self._live = False  # also when the stream ended (invalidated: the collection was dropped)
             await asyncio.sleep(self._retry)
 
     async def _poll_forever(self, first: asyncio.Event) -> None:
