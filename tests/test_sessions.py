@@ -21,7 +21,7 @@ from google.rpc import code_pb2
 from authsvc_client import AuthsvcClient
 from authsvc_client.v1 import authsvc_pb2 as pb
 from service.roles import Role
-from service.settings import SettingsError, load
+from service.settings import Settings, SettingsError, load
 from service.users import UserStore
 from tests.grpc_helpers import Harness, reason_of, serve
 from tests.issuer import LocalIssuer
@@ -33,7 +33,7 @@ ACTOR = {"act": {"iss": "https://dashboard.clerk.com", "sid": "sess_support", "s
 
 
 @pytest.fixture
-async def h(settings: Any, store: UserStore, issuer: LocalIssuer) -> AsyncIterator[Harness]:
+async def h(settings: Settings, store: UserStore, issuer: LocalIssuer) -> AsyncIterator[Harness]:
     async with serve(settings, store, issuer, ext_authz=True) as harness:
         await harness.seed(SA, Role.SUPERADMIN)
         await harness.seed(STAFF)
@@ -95,7 +95,7 @@ async def test_a_pending_session_is_refused_by_every_path(h: Harness) -> None:
 
 
 async def test_pending_sessions_are_accepted_when_the_setting_says_so(
-    settings: Any, store: UserStore, issuer: LocalIssuer
+    settings: Settings, store: UserStore, issuer: LocalIssuer
 ) -> None:
     async with serve(settings, store, issuer, accept_pending_sessions=True) as h:
         await h.seed(SA, Role.SUPERADMIN)
@@ -157,7 +157,7 @@ async def test_an_actor_claim_without_a_subject_is_malformed(h: Harness) -> None
 
 # --- step-up for SetRole ------------------------------------------------------------------
 async def test_set_role_requires_a_recent_second_factor_when_configured(
-    settings: Any, store: UserStore, issuer: LocalIssuer
+    settings: Settings, store: UserStore, issuer: LocalIssuer
 ) -> None:
     async with serve(settings, store, issuer, setrole_max_factor_age_min=10) as h:
         await h.seed(SA, Role.SUPERADMIN)
