@@ -19,6 +19,7 @@ import aiohttp
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from google.rpc import code_pb2
+from prometheus_client import REGISTRY
 
 from authsvc_client.v1 import authsvc_pb2 as pb
 from service.database import Database, make_client
@@ -284,9 +285,10 @@ async def test_entries_leave_the_set_when_they_expire(store: UserStore) -> None:
 
         await eventually(swept)
         assert "sess_soon" not in revoked and "sess_week" in revoked
+        assert REGISTRY.get_sample_value("authsvc_revoked_sessions") == 1
         await revoke(store.revoked_sessions, revocation("sess_new"), "msg_new")  # through the stream
         await eventually(lambda: holds(revoked, "sess_new"))
-        assert len(revoked) == 2
+        assert len(revoked) == 2 and REGISTRY.get_sample_value("authsvc_revoked_sessions") == 2
     finally:
         await revoked.close()
 
