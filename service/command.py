@@ -148,6 +148,8 @@ GRPC = Command(
         "ext_authz",
         "accept_pending_sessions",
         "setrole_max_factor_age_min",
+        "callers_file",
+        "reflection",
     ),
     run=_serve_grpc,
     check=Settings.check_grpc,

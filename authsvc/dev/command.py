@@ -41,6 +41,8 @@ DEV = Command(
         "ext_authz",
         "accept_pending_sessions",
         "setrole_max_factor_age_min",
+        "callers_file",
+        "reflection",
     ),
     run=_serve_dev,
     check=Settings.check_dev,
