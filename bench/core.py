@@ -9,6 +9,8 @@
 - ``interceptor``: the CPU the metrics interceptor adds to one unary call
   (the wrapped handler around an empty one, its counters and histogram
   included), against the bare handler.
+- ``session rules``: the revoked-session lookup every token check makes
+  (:mod:`bench.sessions`).
 
 Every figure is the median of the interleaved passes (authsvc and Clerk's SDK
 swap places every other pass), timed in CPU seconds of this process
@@ -27,6 +29,7 @@ from typing import Any
 import grpc
 
 from authsvc.dev.issuer import DevIssuer
+from bench import sessions
 from bench.common import Spread, pair_ratios, ratio_line
 from service.grpcmetrics import MetricsInterceptor
 from service.settings import Settings
@@ -144,6 +147,7 @@ async def run(*, tokens: int = 2000, passes: int = 6) -> list[str]:
         f"(empty handler {med(bare):,.0f}/s bare, {med(wrapped):,.0f}/s wrapped)",
         ratio_line("first-seen authsvc / clerk", pair_ratios(ours_first, clerk_first), 1.2),
         ratio_line("repeated authsvc / clerk", pair_ratios(ours_repeat, clerk_repeat), 20),
+        *sessions.run(),
     ]
 
 

@@ -1,8 +1,9 @@
 """The gRPC process's composition root: every resource built here, in one ``AsyncExitStack``.
 
 :func:`grpc_service` builds the token verifier, the optional Clerk client,
-the user cache (with just-in-time sync around it), the role rules, the servicer and the server over a store the
-caller owns, and closes them in reverse order. ``authsvc grpc`` wraps it in
+the user cache (with just-in-time sync around it), the revoked sessions and
+the session rules, the role rules, the servicer and the server over a store
+the caller owns, and closes them in reverse order. ``authsvc grpc`` wraps it in
 :func:`run_grpc`, over a database it does not wait for (:func:`service.startup.served_database`);
 ``authsvc dev`` and the tests use it directly.
 """
@@ -22,8 +23,10 @@ from service.database import GRPC_DEFAULTS
 from service.dbmonitor import DatabaseMonitor
 from service.exposition import metrics_server
 from service.jit import JitUsers
+from service.revocations import RevokedSessions
 from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
+from service.sessions import SessionRules
 from service.settings import Settings
 from service.startup import StartupError, served_database, until_signalled
 from service.tokens import TokenVerifier
@@ -43,6 +46,7 @@ class GrpcService:
     clerk: ClerkBackend | None
     reader: UserReader  # what token-checking paths read users through: the cache, with JIT sync around it
     monitor: DatabaseMonitor  # whether the database answers this process
+    revoked: RevokedSessions
 
     @property
     def port(self) -> int:
@@ -96,16 +100,25 @@ async def grpc_service(
             jit = JitUsers(users, store, clerk)
             stack.push_async_callback(jit.close)
             reader = jit
-        roles = RoleAdmin(store, verifier, clerk)
+        revoked = RevokedSessions(store.revoked_sessions)
+        stack.push_async_callback(revoked.close)
+        await revoked.start()  # loaded before the first call, unless the database cannot be read yet
+        sessions = SessionRules(
+            revoked,
+            accept_pending=settings.accept_pending_sessions,
+            max_factor_age_min=settings.setrole_max_factor_age_min,
+        )
+        roles = RoleAdmin(store, verifier, clerk, sessions)
         stack.push_async_callback(roles.close)  # before the Clerk client and the store close
-        servicer = AuthServicer(users, verifier, reader, roles)
-        extra = [_ext_authz(verifier, reader, servicer)] if settings.ext_authz else []
+        servicer = AuthServicer(users, verifier, reader, roles, sessions)
+        extra = [_ext_authz(verifier, reader, sessions, servicer)] if settings.ext_authz else []
         watched = monitor
 
         async def ready() -> bool:
-            # No signing key at all (a cold start with the JWKS down): no token can be verified. A database
-            # outage within AUTHSVC_STALE_S keeps SERVING: every replica sees it, turning all away is an outage.
-            return verifier.ready and watched.started and (watched.up or users.within_bound())
+            # No signing key at all (a cold start with the JWKS down): no token can be verified; revoked
+            # sessions not read yet: no token with a sid can be judged. A database outage within
+            # AUTHSVC_STALE_S keeps SERVING: every replica sees it, turning all away is an outage.
+            return verifier.ready and revoked.loaded and watched.started and (watched.up or users.within_bound())
 
         try:
             server = await start_server(
@@ -126,16 +139,20 @@ async def grpc_service(
             log.warning("CLERK_SECRET_KEY is unset: SetRole writes MongoDB only; the next Clerk event wins")
         if callers is None:
             log.warning("AUTHSVC_CALLERS_FILE is unset: any caller may call any method")
-        yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk, reader=reader, monitor=monitor)
+        yield GrpcService(
+            server=server, verifier=verifier, users=users, clerk=clerk, reader=reader, monitor=monitor, revoked=revoked
+        )
 
 
-def _ext_authz(verifier: TokenVerifier, users: UserReader, servicer: AuthServicer) -> tuple[str, ExtraService]:
+def _ext_authz(
+    verifier: TokenVerifier, users: UserReader, sessions: SessionRules, servicer: AuthServicer
+) -> tuple[str, ExtraService]:
     """Envoy's Check over the same verifier and user reader as VerifyToken (AUTHSVC_EXT_AUTHZ=on)."""
     try:
         from service.extauthz import SERVICE_NAME, ExtAuthzServicer
     except ImportError as exc:
         raise StartupError("AUTHSVC_EXT_AUTHZ=on needs the Envoy stubs: pip install 'authsvc[envoy]'") from exc
-    return SERVICE_NAME, ExtAuthzServicer(verifier, users, servicer.serve)
+    return SERVICE_NAME, ExtAuthzServicer(verifier, users, sessions, servicer.serve)
 
 
 async def run_grpc(

@@ -148,6 +148,8 @@ GRPC = Command(
         "ext_authz",
         "stale_s",
         "max_connection_age_s",
+        "accept_pending_sessions",
+        "setrole_max_factor_age_min",
         "callers_file",
         "reflection",
     ),

@@ -69,3 +69,11 @@ def user_cache_stale_seconds() -> Gauge:
         "0 while the users change stream is live, else seconds since it last confirmed the cache.",
         multiprocess_mode="livemax",
     )
+
+
+@functools.cache
+def revoked_sessions() -> Gauge:
+    """``authsvc_revoked_sessions``: the revoked sessions held in this process; the smallest set of any live worker."""
+    return Gauge(
+        "authsvc_revoked_sessions", "Revoked sessions held in this process's set.", multiprocess_mode="livemin"
+    )

@@ -28,6 +28,7 @@ from service.calls import abort
 from service.convert import bearer_token, role_from_proto, user_message, verify_response
 from service.errors import AuthError, InvalidArgument, UserNotFound, status_of
 from service.metrics import DENIALS
+from service.sessions import SessionRules
 from service.tokens import TokenVerifier, VerifiedToken
 from service.users import UserRecord
 
@@ -66,14 +67,17 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
 
     ``users`` serves VerifyToken's hot-path reads (the store, or its cache);
     ``store`` serves GetUser (the user cache, or the store itself);
-    ``roles`` applies SetRole's rules.
+    ``roles`` applies SetRole's rules; ``sessions`` the session rules of every token check.
     """
 
-    def __init__(self, store: UserReader, verifier: TokenVerifier, users: UserReader, roles: RoleAdmin) -> None:
+    def __init__(
+        self, store: UserReader, verifier: TokenVerifier, users: UserReader, roles: RoleAdmin, sessions: SessionRules
+    ) -> None:
         self._store = store
         self._users = users
         self._verifier = verifier
         self._roles = roles
+        self._sessions = sessions
         self._replies = _ReplyMemo()
 
     # Bytes, not the message: server.py registers VerifyToken with a serializer that sends them as they are.
@@ -91,7 +95,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
                 min_role = role_from_proto(request.min_role)
                 if min_role is None:
                     raise InvalidArgument(f"min_role {request.min_role} is not a known role")
-            verified, user = await authorize(self._verifier, self._users, request.token, min_role)
+            verified, user = await authorize(self._verifier, self._users, self._sessions, request.token, min_role)
             return self._replies.get(request.token, verified, user)
 
         return await self.serve("VerifyToken", context, handle)
@@ -176,6 +180,7 @@ def _log(
             reason=reason,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             subject=bound.get("subject"),
+            actor=bound.get("actor"),
             target=bound.get("target"),
         ),
     )

@@ -181,6 +181,17 @@ class Settings(BaseModel):
         description="TOML file of the callers allowed which methods; unset: anyone may call anything",
     )
     reflection: bool = Field(True, alias="AUTHSVC_REFLECTION", description="off: no gRPC server reflection")
+    accept_pending_sessions: bool = Field(
+        False,
+        alias="AUTHSVC_ACCEPT_PENDING_SESSIONS",
+        description="true: accept tokens whose sts claim is pending (else SESSION_PENDING)",
+    )
+    setrole_max_factor_age_min: int = Field(
+        0,
+        ge=0,
+        alias="AUTHSVC_SETROLE_MAX_FACTOR_AGE_MIN",
+        description="SetRole needs a second factor verified at most this many minutes ago (fva); 0: off",
+    )
 
     # --- parsing and validation of single fields --------------------------------
     @field_validator("webhook_secrets", mode="before")
@@ -268,7 +279,7 @@ class Settings(BaseModel):
             return os.cpu_count() or 1
         return value
 
-    @field_validator("jit_sync", "ext_authz", "reflection", mode="before")
+    @field_validator("jit_sync", "ext_authz", "reflection", "accept_pending_sessions", mode="before")
     @classmethod
     def _check_switch(cls, value: object) -> object:
         return _switch(value)

@@ -63,13 +63,20 @@ _PYJWT_ERRORS: tuple[tuple[type[jwt.PyJWTError], type[errors.TokenError], str], 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
-    """A session token that passed every check. ``claims`` is shared: do not mutate it."""
+    """A session token that passed every check. ``claims`` is shared: do not mutate it.
+
+    ``actor`` is ``act.sub`` of an impersonated session, else empty; ``pending``
+    says the ``sts`` claim is ``pending``. What they allow is
+    :mod:`service.sessions`' to decide.
+    """
 
     subject: str
     session_id: str
     authorized_party: str
     expires_at: datetime
     claims: dict[str, Any]
+    actor: str = ""
+    pending: bool = False
 
 
 def _unverified_header(token: str) -> dict[str, Any]:
@@ -127,6 +134,29 @@ def _claims_problem(claims: object) -> str | None:
     except (UnicodeEncodeError, ValueError):  # lone surrogate; NaN/Infinity outside the time claims
         return "token claims are not valid Unicode"
     return None
+
+
+def _actor(claims: dict[str, Any]) -> str:
+    """``act.sub`` of an impersonated session (Clerk: ``act = {iss, sid, sub}``), else empty.
+
+    An ``act`` without a usable ``sub`` is refused rather than read as "not
+    impersonated": the actor must never silently disappear.
+    """
+    act = claims.get("act")
+    if act is None:
+        return ""
+    sub = act.get("sub") if isinstance(act, dict) else None
+    if not isinstance(sub, str) or not sub:
+        raise errors.TokenMalformed("token act claim has no actor subject")
+    return sub
+
+
+def _status(claims: dict[str, Any]) -> str:
+    """The session status (``sts``: ``active`` or ``pending``); a token without one is active."""
+    sts = claims.get("sts", "active")
+    if not isinstance(sts, str):
+        raise errors.TokenMalformed("token sts claim is not a string")
+    return sts
 
 
 def _rsa_key_from_jwk(jwk: Any) -> tuple[str | None, RSAPublicKey]:
@@ -324,6 +354,8 @@ class TokenVerifier:
             authorized_party=azp if isinstance(azp, str) else "",
             expires_at=expires_at,
             claims=claims,
+            actor=_actor(claims),
+            pending=_status(claims) == "pending",
         )
 
     def _lookup(self, kid: str | None) -> RSAPublicKey | None:

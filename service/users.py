@@ -1,5 +1,9 @@
 """UserStore: every read and write of ``users``, ``webhook_events`` and ``role_changes``.
 
+It also owns the database's other collections and their indexes (``leases``,
+``revoked_sessions``), which :mod:`service.repair` and
+:mod:`service.revocations` read and write.
+
 Each delivery rule of the design is one atomic, conditional database
 operation, so several sidecar replicas can write at once without
 read-then-write races. Writes use the durable write concern (journaled, or
@@ -230,6 +234,10 @@ class UserStore:
         self._ledger_writer = LedgerWriter(db.get_collection("webhook_events", write_concern=LEDGER_WRITE_CONCERN))
         self.role_changes: AsyncCollection[Document] = db.get_collection("role_changes", write_concern=write_concern)
         self.leases: AsyncCollection[Document] = db.get_collection("leases", write_concern=write_concern)
+        # Written by service.revocations (the sidecar), read into each gRPC process's set.
+        self.revoked_sessions: AsyncCollection[Document] = db.get_collection(
+            "revoked_sessions", write_concern=write_concern
+        )
 
     async def ensure_indexes(self) -> None:
         async with translate_errors():
@@ -241,6 +249,9 @@ class UserStore:
                 name="ledgerTtl",
             )
             await self.role_changes.create_index([("externalId", ASCENDING), ("at", ASCENDING)], name="byUser")
+            await self.revoked_sessions.create_index(
+                [("expireAt", ASCENDING)], expireAfterSeconds=0, name="revokedSessionsTtl"
+            )
 
     async def ping(self) -> bool:
         try:

@@ -40,6 +40,8 @@ DEV = Command(
         "webhook_metrics_addr",
         "sync_interval_s",
         "ext_authz",
+        "accept_pending_sessions",
+        "setrole_max_factor_age_min",
         "callers_file",
         "reflection",
         "stale_s",
