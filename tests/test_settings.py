@@ -135,9 +135,9 @@ def test_describe_shows_switches_as_on_and_off() -> None:
 def test_an_environment_other_than_development_or_production_is_a_problem(value: str) -> None:
     with pytest.raises(SettingsError) as info:
         load({"AUTHSVC_ENV": value}, dotenv=None)
-    assert info.value.problems == [
-        f"AUTHSVC_ENV input should be 'development' or 'production', got {value!r}"
-    ], info.value.problems
+    assert info.value.problems == [f"AUTHSVC_ENV input should be 'development' or 'production', got {value!r}"], (
+        info.value.problems
+    )
 
 
 def test_environment_names_are_case_insensitive() -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
+from service import listen
 from service.clerkapi import ClerkBackend
 from service.logs import fields
 from service.repair import Repairer
@@ -34,9 +35,8 @@ async def sidecar(
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(runner.cleanup)
         host, port = split_addr(settings.webhook_addr)
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         try:
-            await site.start()
+            await listen.site(runner, settings.webhook_addr, reuse_port=reuse_port).start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {settings.webhook_addr}: {exc.strerror}") from exc
         bound: int = runner.addresses[0][1] if runner.addresses else port
