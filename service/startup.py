@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 
-from service.database import describe_failure, open_database
+from service.database import IndexConflict, describe_failure, open_database
 from service.embedded import EmbeddedUnavailable
 from service.errors import DatabaseUnavailable
 from service.settings import Settings
@@ -42,6 +42,8 @@ async def user_store(settings: Settings) -> AsyncIterator[UserStore]:
             await store.ensure_indexes()
         except DatabaseUnavailable as exc:
             raise StartupError("cannot create indexes: database unavailable") from exc
+        except IndexConflict as exc:
+            raise StartupError(describe_failure(settings.mongodb_uri or "", exc)) from exc
         yield store
     finally:
         await database.close()

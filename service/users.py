@@ -19,8 +19,9 @@ from typing import Any
 from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
+from service.database import IndexConflict
 from service.errors import DatabaseUnavailable
 from service.logs import fields
 from service.roles import DEFAULT_ROLE, Role
@@ -162,15 +163,26 @@ class UserStore:
         self.leases: AsyncCollection[Document] = db.get_collection("leases", write_concern=write_concern)
 
     async def ensure_indexes(self) -> None:
-        async with _translate():
-            await self.users.create_index([("externalId", ASCENDING)], unique=True, name="byExternalId")
-            await self.users.create_index([("role", ASCENDING), ("isActive", ASCENDING)], name="byRoleActive")
-            await self.events.create_index(
+        """Create every index; raise :class:`IndexConflict` when one exists by name with other options."""
+        indexes: list[tuple[AsyncCollection[Document], list[tuple[str, int]], dict[str, Any]]] = [
+            (self.users, [("externalId", ASCENDING)], {"unique": True, "name": "byExternalId"}),
+            (self.users, [("role", ASCENDING), ("isActive", ASCENDING)], {"name": "byRoleActive"}),
+            (
+                self.events,
                 [("receivedAt", ASCENDING)],
-                expireAfterSeconds=int(LEDGER_TTL.total_seconds()),
-                name="ledgerTtl",
-            )
-            await self.role_changes.create_index([("externalId", ASCENDING), ("at", ASCENDING)], name="byUser")
+                {"expireAfterSeconds": int(LEDGER_TTL.total_seconds()), "name": "ledgerTtl"},
+            ),
+            (self.role_changes, [("externalId", ASCENDING), ("at", ASCENDING)], {"name": "byUser"}),
+        ]
+        async with _translate():
+            for collection, keys, options in indexes:
+                try:
+                    await collection.create_index(keys, **options)
+                except OperationFailure as exc:
+                    if exc.code not in IndexConflict.CODES:
+                        raise
+                    code_name = (exc.details or {}).get("codeName", f"code {exc.code}")
+                    raise IndexConflict(collection.name, options["name"], code_name) from exc
 
     async def ping(self) -> bool:
         try:
