@@ -12,9 +12,7 @@
 # The `envoy` extra serves Envoy's ext_authz Check with AUTHSVC_EXT_AUTHZ=on. IMAGE_EXTRAS lists the
 # extras installed; once the `otel` extra exists (OpenTelemetry tracing), it becomes "envoy,otel".
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11-slim-bookworm AS build
 ARG IMAGE_EXTRAS=envoy
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
@@ -25,7 +23,7 @@ COPY webhook ./webhook
 COPY clients/python/authsvc_client ./clients/python/authsvc_client
 RUN pip wheel --wheel-dir /wheels --constraint constraints.txt ".[${IMAGE_EXTRAS}]"
 
-FROM ${PYTHON_IMAGE}
+FROM python:3.11-slim-bookworm
 ARG IMAGE_EXTRAS=envoy
 LABEL org.opencontainers.image.title="authsvc" \
       org.opencontainers.image.description="Clerk-backed identity for internal services: gRPC API and webhook sidecar" \

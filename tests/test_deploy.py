@@ -84,7 +84,8 @@ def deployment(component: str) -> Doc:
 
 
 def container(component: str) -> Doc:
-    (found,) = deployment(component)["spec"]["template"]["spec"]["containers"]
+    containers: list[Doc] = deployment(component)["spec"]["template"]["spec"]["containers"]
+    (found,) = containers
     return found
 
 
@@ -309,7 +310,8 @@ async def until_probe(running: Running, component: str, kind: str, expected: boo
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
     while await probe_ok(running, component, probe) != expected:
-        assert loop.time() < deadline, f"{component} {kind} still {not expected}:\n{running.processes[component].tail()}"
+        log = running.processes[component].tail()
+        assert loop.time() < deadline, f"{component} {kind} still {not expected}:\n{log}"
         await asyncio.sleep(0.2)
 
 
