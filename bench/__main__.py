@@ -1,4 +1,4 @@
-"""``python -m bench [webhook|verify|core|memory|sync]``: run the benchmarks and print one table.
+"""``python -m bench [webhook|verify|core|callers|memory|sync]``: run the benchmarks and print one table.
 
 Figures and ratios are measured in this one run on this machine; they are
 never pass/fail tests. Every server is started here and stopped at the end;
@@ -24,13 +24,15 @@ TARGETS = {
 RATIO_NAMES = {
     ("webhook: sidecar", "webhook: raw upsert"): "sidecar / raw upsert",
 }
-BENCHMARKS = ("webhook", "verify", "core", "memory", "sync")
-DEFAULT = ("webhook", "verify", "core", "sync")  # memory takes minutes: `make bench-memory`
+BENCHMARKS = ("webhook", "verify", "core", "callers", "memory", "sync")
+DEFAULT = ("webhook", "verify", "core", "callers", "sync")  # memory takes minutes: `make bench-memory`
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", metavar="{webhook,verify,core,memory,sync}", help="default: all but memory")
+    parser.add_argument(
+        "which", nargs="*", metavar="{webhook,verify,core,callers,memory,sync}", help="default: all but memory"
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds per phase (default 8 / 6)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the verify servers")
     parser.add_argument("--calls", type=int, default=1_000_000, help="VerifyToken calls (memory)")
@@ -135,6 +137,10 @@ async def main(args: argparse.Namespace) -> list[str]:
         from bench import core
 
         sections += ["", *await core.run(tokens=args.tokens)]
+    if "callers" in which:
+        from bench import callers
+
+        sections += ["", *await callers.run()]
     if "memory" in which:
         from bench import memory
 

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from service.access import RoleAdmin, UserReader
+from service.callerfile import RELOAD_S, CallersFile
+from service.callers import CallersFileError
 from service.clerkapi import ClerkBackend
 from service.exposition import metrics_server
 from service.jit import JitUsers
@@ -51,9 +53,23 @@ async def grpc_service(
     health_interval_s: float = 2.0,
     grace_s: float = 5.0,
     reuse_port: bool = False,
+    callers_reload_s: float = RELOAD_S,
 ) -> AsyncIterator[GrpcService]:
-    """Serve AuthService over ``store`` on ``settings.grpc_addr`` until the block exits."""
+    """Serve AuthService over ``store`` on ``settings.grpc_addr`` until the block exits.
+
+    ``AUTHSVC_CALLERS_FILE`` is re-read every ``callers_reload_s``.
+    """
     async with contextlib.AsyncExitStack() as stack:
+        callers = None
+        if settings.callers_file is not None:
+            callers = CallersFile(
+                settings.callers_file, mtls=settings.tls_client_ca is not None, reload_s=callers_reload_s
+            )
+            try:
+                await callers.start()
+            except CallersFileError as exc:
+                raise StartupError(f"AUTHSVC_CALLERS_FILE {exc}") from exc
+            stack.push_async_callback(callers.close)
         verifier = TokenVerifier(settings)
         stack.push_async_callback(verifier.close)
         await verifier.start()
@@ -78,7 +94,13 @@ async def grpc_service(
 
         try:
             server = await start_server(
-                settings, servicer, ready, health_interval_s=health_interval_s, extra=extra, reuse_port=reuse_port
+                settings,
+                servicer,
+                ready,
+                health_interval_s=health_interval_s,
+                extra=extra,
+                reuse_port=reuse_port,
+                callers=callers,
             )
         except GrpcBindError as exc:
             raise StartupError(str(exc)) from exc
@@ -87,6 +109,8 @@ async def grpc_service(
             log.warning("CLERK_AUTHORIZED_PARTIES is unset: the azp claim is not checked")
         if not settings.clerk_secret_key:
             log.warning("CLERK_SECRET_KEY is unset: SetRole writes MongoDB only; the next Clerk event wins")
+        if callers is None:
+            log.warning("AUTHSVC_CALLERS_FILE is unset: any caller may call any method")
         yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk, reader=reader)
 
 

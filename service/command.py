@@ -146,6 +146,8 @@ GRPC = Command(
         "workers",
         "metrics_addr",
         "ext_authz",
+        "callers_file",
+        "reflection",
     ),
     run=_serve_grpc,
     check=Settings.check_grpc,

@@ -114,6 +114,19 @@ class UserNotFound(AuthError):
     reason = "USER_NOT_FOUND"
 
 
+# --- callers (AUTHSVC_CALLERS_FILE) ------------------------------------------
+class CallerUnauthenticated(AuthError):
+    """No key or client certificate name of a known caller: nothing says which keys exist."""
+
+    reason = "CALLER_UNAUTHENTICATED"
+
+
+class CallerNotAllowed(PermissionDenied):
+    """A known caller, calling a method outside its ``methods``."""
+
+    reason = "CALLER_NOT_ALLOWED"
+
+
 class FailedPrecondition(AuthError):
     reason = "FAILED_PRECONDITION"
 
@@ -170,6 +183,7 @@ STATUS: dict[type[AuthError], tuple[grpc.StatusCode, HTTPStatus]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, HTTPStatus.BAD_REQUEST),
     TokenError: (grpc.StatusCode.UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED),
     SignatureInvalid: (grpc.StatusCode.UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED),
+    CallerUnauthenticated: (grpc.StatusCode.UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED),
     PayloadTooLarge: (grpc.StatusCode.INVALID_ARGUMENT, HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
     PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, HTTPStatus.FORBIDDEN),
     UserNotFound: (grpc.StatusCode.NOT_FOUND, HTTPStatus.NOT_FOUND),

@@ -11,7 +11,11 @@ Python middleware uses too); the minimum role from the route's
 - allowed: OK, ``x-authsvc-user-id``/``-role``/``-session-id`` overwrite
   whatever the client sent, and every other client ``x-authsvc-*`` header is removed;
 - denied: an OK RPC whose ``CheckResponse`` carries UNAUTHENTICATED/401 or
-  PERMISSION_DENIED/403 and a JSON body ``{"error", "reason"}``;
+  PERMISSION_DENIED/403 and a JSON body ``{"error", "reason"}``; a caller
+  that ``AUTHSVC_CALLERS_FILE`` refuses (Envoy itself, without its key) is
+  denied the same way (401 ``CALLER_UNAUTHENTICATED``, 403
+  ``CALLER_NOT_ALLOWED``), so that it fails closed whatever Envoy's
+  ``failure_mode_allow`` (:class:`service.calls.CallGuard` answers it);
 - database or JWKS down: the RPC fails UNAVAILABLE (Envoy applies its
   ``failure_mode_allow``/``status_on_error``); an unknown ``min_role`` fails
   it INVALID_ARGUMENT, never allows.
@@ -20,7 +24,7 @@ Python middleware uses too); the minimum role from the route's
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -31,12 +35,21 @@ from google.rpc import status_pb2
 
 from authsvc_client.bearer import MalformedAuthorization, http_token
 from service.access import UserReader, authorize
-from service.errors import InvalidArgument, PermissionDenied, TokenError, TokenMalformed, TokenMissing, status_of
+from service.errors import (
+    AuthError,
+    InvalidArgument,
+    PermissionDenied,
+    TokenError,
+    TokenMalformed,
+    TokenMissing,
+    status_of,
+)
 from service.metrics import DENIALS
 from service.roles import Role
 from service.tokens import TokenVerifier
 
 SERVICE_NAME: str = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+CHECK = f"/{SERVICE_NAME}/Check"
 PREFIX = "x-authsvc-"
 USER_ID, ROLE, SESSION_ID = f"{PREFIX}user-id", f"{PREFIX}role", f"{PREFIX}session-id"
 
@@ -73,7 +86,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
 
 
-def _denied(error: TokenError | PermissionDenied) -> external_auth_pb2.CheckResponse:
+def _denied(error: AuthError) -> external_auth_pb2.CheckResponse:
     code, http = status_of(error)
     body = json.dumps({"error": str(error), "reason": error.reason})
     return external_auth_pb2.CheckResponse(
@@ -99,6 +112,11 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
 
     def add_to(self, server: grpc.aio.Server) -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self, server)
+
+    @property
+    def answers(self) -> Mapping[str, Callable[[AuthError], Any]]:
+        """A refused caller of Check gets a denied ``CheckResponse``, never a failed RPC."""
+        return {CHECK: _denied}
 
     async def Check(self, request: external_auth_pb2.CheckRequest, context: Context) -> external_auth_pb2.CheckResponse:
         async def handle() -> external_auth_pb2.CheckResponse:

@@ -6,6 +6,10 @@ go-grpc-prometheus's names and labels: ``grpc_server_started_total``,
 once, the first time the method is called, and keeps the wrapped handler; per
 call it costs one dict lookup, two counter increments and one histogram
 observation on label children resolved ahead of time (``make bench`` measures it).
+
+Every call but gRPC health is also counted in ``authsvc_calls_total`` under
+its caller (:data:`service.callers.current_caller`, which the caller check
+sets inside the call; empty when no caller is known) and its short method name.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from typing import Any, TypeAlias, cast
 import grpc
 from prometheus_client import Counter, Histogram
 
-from service.metrics import GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_STARTED
+from service.callers import current_caller
+from service.calls import HEALTH_PREFIX
+from service.metrics import CALLS, GRPC_HANDLED, GRPC_HANDLING_SECONDS, GRPC_STARTED
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -27,9 +33,9 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler
 
 
 class _Method:
-    """The metric children of one method: started, latency, and handled per code (made on first use)."""
+    """The metric children of one method: started, latency, handled per code, calls per caller (made on first use)."""
 
-    __slots__ = ("handled", "labels", "latency", "started")
+    __slots__ = ("by_caller", "handled", "labels", "latency", "started")
 
     def __init__(self, grpc_type: str, full_method: str) -> None:
         service, _, method = full_method.lstrip("/").rpartition("/")
@@ -37,6 +43,10 @@ class _Method:
         self.started: Counter = GRPC_STARTED.labels(*self.labels)
         self.latency: Histogram = GRPC_HANDLING_SECONDS.labels(*self.labels)
         self.handled: dict[grpc.StatusCode, Counter] = {}
+        # Health is open to everyone (and its Check is not Envoy's): nobody's call.
+        self.by_caller: dict[tuple[str, grpc.StatusCode], Counter] | None = (
+            None if full_method.startswith(HEALTH_PREFIX) else {}
+        )
 
     def done(self, code: grpc.StatusCode, began: float) -> None:
         self.latency.observe(time.perf_counter() - began)
@@ -44,6 +54,12 @@ class _Method:
         if counter is None:
             counter = self.handled[code] = GRPC_HANDLED.labels(*self.labels, code.name)
         counter.inc()
+        if self.by_caller is not None:
+            caller = current_caller.get()
+            calls = self.by_caller.get((caller, code))
+            if calls is None:
+                calls = self.by_caller[caller, code] = CALLS.labels(caller, self.labels[2], code.name)
+            calls.inc()
 
 
 def _code(context: Context, exc: BaseException | None) -> grpc.StatusCode:

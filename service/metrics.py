@@ -28,6 +28,11 @@ GRPC_HANDLING_SECONDS = Histogram(
 )
 
 DENIALS = Counter("authsvc_denials", "Calls denied, by method and ErrorInfo reason.", ["method", "reason"])
+CALLS = Counter(
+    "authsvc_calls",
+    "Calls by caller (AUTHSVC_CALLERS_FILE name; empty: no known caller), short method name and gRPC code.",
+    ["caller", "method", "code"],
+)
 TOKEN_CACHE = Counter("authsvc_token_cache", "Verified-token cache lookups.", ["result"])
 USER_CACHE = Counter("authsvc_user_cache", "User cache lookups.", ["result"])
 JWKS_FETCHES = Counter("authsvc_jwks_fetches", "JWKS fetches, by outcome.", ["outcome"])

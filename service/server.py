@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from authsvc_client.v1 import authsvc_pb2
-from service.calls import CallGuard
+from service.callerfile import CallersFile
+from service.calls import Answer, CallGuard
 from service.grpcmetrics import MetricsInterceptor
 from service.logs import fields
 from service.reflection import enable_reflection
@@ -36,9 +37,15 @@ SERVER_OPTIONS = [
 
 
 class ExtraService(Protocol):
-    """A further servicer on the same server (Envoy's Authorization): named for reflection, added by itself."""
+    """A further servicer on the same server (Envoy's Authorization): named for reflection, added by itself.
+
+    ``answers``: per full method name, the response a refused caller gets instead of a failed call.
+    """
 
     def add_to(self, server: grpc.aio.Server) -> None: ...
+
+    @property
+    def answers(self) -> Mapping[str, Answer]: ...
 
 
 def server_options(reuse_port: bool) -> list[tuple[str, int]]:
@@ -177,6 +184,7 @@ async def start_server(
     health_interval_s: float = 2.0,
     extra: Sequence[tuple[str, ExtraService]] = (),
     reuse_port: bool = False,
+    callers: CallersFile | None = None,
 ) -> GrpcServer:
     """Serve ``servicer``, Health and reflection on ``settings.grpc_addr``; return the server and bound port.
 
@@ -186,11 +194,14 @@ async def start_server(
     ``health_interval_s``. ``extra`` adds further services, as
     ``(full service name, servicer)``, listed by reflection too. Request bytes
     that do not decode are answered ``INVALID_ARGUMENT`` on every method
-    (:class:`service.calls.CallGuard`).
+    (:class:`service.calls.CallGuard`). With ``callers`` (``AUTHSVC_CALLERS_FILE``),
+    every call but health must come from a caller it lists; reflection only
+    with ``settings.reflection``.
     Every RPC is counted and timed (``grpc_server_*``); ``reuse_port`` is for worker processes.
     Raises :class:`GrpcBindError` if the address cannot be bound.
     """
-    calls = CallGuard()
+    answers = {method: answer for _, servicer_ in extra for method, answer in servicer_.answers.items()}
+    calls = CallGuard(callers, answers)
     # The metrics interceptor first: it sees every call as the client does, the guard's refusals included.
     server = grpc.aio.server(interceptors=(MetricsInterceptor(), calls), options=server_options(reuse_port))
     add_auth_service(servicer, server)
@@ -198,7 +209,8 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for _, servicer_ in extra:
         servicer_.add_to(server)
-    enable_reflection(server, (SERVICE_NAME, *(name for name, _ in extra), HEALTH_NAME))
+    if settings.reflection:
+        enable_reflection(server, (SERVICE_NAME, *(name for name, _ in extra), HEALTH_NAME))
 
     credentials = _credentials(settings)
     try:
@@ -221,6 +233,8 @@ async def start_server(
             port=port,
             tls=credentials is not None,
             mtls=settings.tls_client_ca is not None,
+            callers=None if callers is None else len(callers.policy),
+            reflection=settings.reflection,
             ready=serving,
         ),
     )

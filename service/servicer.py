@@ -23,6 +23,7 @@ from cachetools import LRUCache
 from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service import logs
 from service.access import MAX_EXTERNAL_ID, RoleAdmin, UserReader, authorize, check_external_id
+from service.callers import current_caller
 from service.calls import abort
 from service.convert import bearer_token, role_from_proto, user_message, verify_response
 from service.errors import AuthError, InvalidArgument, UserNotFound, status_of
@@ -167,6 +168,7 @@ def _log(
         exc_info=failure,
         extra=logs.fields(
             method=rpc,
+            caller=current_caller.get() or None,
             request_id=request_id or os.urandom(8).hex(),
             peer=context.peer(),
             code=code.name,

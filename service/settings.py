@@ -165,6 +165,12 @@ class Settings(BaseModel):
     ext_authz: bool = Field(
         False, alias="AUTHSVC_EXT_AUTHZ", description="on: serve Envoy's envoy.service.auth.v3.Authorization/Check"
     )
+    callers_file: Path | None = Field(
+        None,
+        alias="AUTHSVC_CALLERS_FILE",
+        description="TOML file of the callers allowed which methods; unset: anyone may call anything",
+    )
+    reflection: bool = Field(True, alias="AUTHSVC_REFLECTION", description="off: no gRPC server reflection")
 
     # --- parsing and validation of single fields --------------------------------
     @field_validator("webhook_secrets", mode="before")
@@ -247,12 +253,12 @@ class Settings(BaseModel):
             return available_cpus()
         return value
 
-    @field_validator("jit_sync", "ext_authz", mode="before")
+    @field_validator("jit_sync", "ext_authz", "reflection", mode="before")
     @classmethod
     def _check_switch(cls, value: object) -> object:
         return _switch(value)
 
-    @field_validator("tls_cert", "tls_key", "tls_client_ca")
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", "callers_file")
     @classmethod
     def _check_file(cls, value: Path | None) -> Path | None:
         return _file(value)
@@ -306,15 +312,28 @@ class Settings(BaseModel):
             problems.append("AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY must be set together")
         if self.tls_client_ca and not self.tls_cert:
             problems.append("AUTHSVC_TLS_CLIENT_CA needs AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY")
+        problems += self._callers_problems()
         problems += self._database_problems()
         if problems:
             raise SettingsError(problems)
+
+    def _callers_problems(self) -> list[str]:
+        if self.callers_file is None:
+            return []
+        from service.callerfile import read_policy  # grpc's import stays out of --help
+        from service.callers import CallersFileError
+
+        try:
+            read_policy(self.callers_file, mtls=self.tls_client_ca is not None)
+        except CallersFileError as exc:
+            return [f"AUTHSVC_CALLERS_FILE {exc}"]
+        return []
 
     def check_dev(self) -> None:
         """Raise :class:`SettingsError` unless ``authsvc dev`` may run (never in production)."""
         if self.production:
             raise SettingsError(["authsvc dev refuses to run with AUTHSVC_ENV=production"])
-        problems = self._database_problems()
+        problems = self._callers_problems() + self._database_problems()
         if problems:
             raise SettingsError(problems)
 

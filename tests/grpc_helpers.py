@@ -8,23 +8,20 @@ write-through and just-in-time sync go to it.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from authsvc.dev.pki import Pki as Pki  # re-exported: tests take the PKI from here
+from authsvc.dev.pki import make_pki as make_pki
 from authsvc_client.v1 import authsvc_pb2_grpc
 from service.app import GrpcService, grpc_service
+from service.callerfile import RELOAD_S
 from service.clerkapi import ClerkBackend
 from service.roles import Role
 from service.settings import Settings
@@ -87,14 +84,20 @@ async def serve(
     *,
     clerk: FakeClerk | None = None,
     health_interval_s: float = 2.0,
+    callers_reload_s: float = RELOAD_S,
     **changes: Any,
 ) -> AsyncIterator[Harness]:
-    """A running gRPC service (and channel) trusting ``issuer``; with ``clerk``, role write-through to it."""
+    """A running gRPC service (and channel) trusting ``issuer``; with ``clerk``, role write-through to it.
+
+    ``callers_reload_s``: how often ``AUTHSVC_CALLERS_FILE`` is re-read.
+    """
     if clerk is not None:
         changes.update(clerk_api_url=clerk.url, clerk_secret_key=CLERK_SECRET)
     settings = issuer_settings(settings, issuer, **changes)
     async with (
-        grpc_service(settings, store, health_interval_s=health_interval_s, grace_s=0.5) as service,
+        grpc_service(
+            settings, store, health_interval_s=health_interval_s, grace_s=0.5, callers_reload_s=callers_reload_s
+        ) as service,
         grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
     ):
         yield Harness(settings, store, issuer, service, channel, authsvc_pb2_grpc.AuthServiceStub(channel), clerk)
@@ -138,72 +141,3 @@ def reason_of(err: grpc.aio.AioRpcError) -> str:
     info = error_info(err)
     assert info.domain == "authsvc"
     return str(info.reason)
-
-
-@dataclass
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def make_pki(directory: Path) -> Pki:
-    """A throwaway CA with a server certificate for 127.0.0.1/localhost and a client certificate."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(UTC)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def issue(
-        subject: str,
-        key: ec.EllipticCurvePrivateKey,
-        signer: ec.EllipticCurvePrivateKey,
-        issuer: str,
-        *,
-        ca: bool = False,
-        san: bool = False,
-    ) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name(issuer))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        return builder.sign(signer, hashes.SHA256())
-
-    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> None:
-        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        if key is not None:
-            (directory / f"{stem}.key").write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-
-    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    write("ca", issue("authsvc test CA", ca_key, ca_key, "authsvc test CA", ca=True), None)
-    write("server", issue("localhost", server_key, ca_key, "authsvc test CA", san=True), server_key)
-    write("client", issue("internal-client", client_key, ca_key, "authsvc test CA"), client_key)
-    return Pki(
-        directory / "ca.pem",
-        directory / "server.pem",
-        directory / "server.key",
-        directory / "client.pem",
-        directory / "client.key",
-    )

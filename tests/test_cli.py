@@ -55,6 +55,7 @@ async def test_dev_flow_end_to_end(dev: Dev, tmp_path: Path) -> None:
     assert grpc_addr in dev.banner and "whsec_" in dev.banner
     assert "authsvc dev-webhook user.created --id user_1 --role superadmin" in dev.banner
     assert "authsvc dev-token user_1" in dev.banner
+    assert "anyone (set AUTHSVC_CALLERS_FILE to require caller keys)" in dev.banner  # so grpcurl needs no -H
 
     code, out, _ = await run(
         AUTHSVC,

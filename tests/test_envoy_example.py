@@ -13,6 +13,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
+from authsvc_client.client import KEY_METADATA
 from service.roles import Role
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples/envoy/envoy.yaml"
@@ -31,6 +32,8 @@ def test_the_example_is_a_valid_envoy_bootstrap() -> None:
     assert manager.http_filters[0].typed_config.Unpack(ext_authz)
     assert ext_authz.failure_mode_allow is False
     assert ext_authz.grpc_service.envoy_grpc.cluster_name == "authsvc"
+    # A caller of authsvc like any other: its key on every Check (see AUTHSVC_CALLERS_FILE).
+    assert [(m.key, bool(m.value)) for m in ext_authz.grpc_service.initial_metadata] == [(KEY_METADATA, True)]
     assert "authsvc" in {cluster.name for cluster in bootstrap.static_resources.clusters}
 
     min_roles = []

@@ -24,6 +24,13 @@ from service.errors import status_of
             "PAYLOAD_TOO_LARGE",
         ),
         (errors.RoleTooLow("x"), grpc.StatusCode.PERMISSION_DENIED, HTTPStatus.FORBIDDEN, "ROLE_TOO_LOW"),
+        (
+            errors.CallerUnauthenticated("x"),
+            grpc.StatusCode.UNAUTHENTICATED,
+            HTTPStatus.UNAUTHORIZED,
+            "CALLER_UNAUTHENTICATED",
+        ),
+        (errors.CallerNotAllowed("x"), grpc.StatusCode.PERMISSION_DENIED, HTTPStatus.FORBIDDEN, "CALLER_NOT_ALLOWED"),
         (errors.UserNotFound("x"), grpc.StatusCode.NOT_FOUND, HTTPStatus.NOT_FOUND, "USER_NOT_FOUND"),
         (errors.LastSuperadmin("x"), grpc.StatusCode.FAILED_PRECONDITION, HTTPStatus.CONFLICT, "LAST_SUPERADMIN"),
         (errors.TargetInactive("x"), grpc.StatusCode.FAILED_PRECONDITION, HTTPStatus.CONFLICT, "USER_INACTIVE"),
@@ -70,6 +77,8 @@ def test_every_reason_of_the_design_exists() -> None:
         "CLERK_KEY_REFUSED",
         "CLERK_USER_NOT_FOUND",
         "CLERK_REJECTED",
+        "CALLER_UNAUTHENTICATED",
+        "CALLER_NOT_ALLOWED",
     }
     assert design <= reasons
 

@@ -39,6 +39,8 @@ DEV = Command(
         "metrics_addr",
         "sync_interval_s",
         "ext_authz",
+        "callers_file",
+        "reflection",
     ),
     run=_serve_dev,
     check=Settings.check_dev,

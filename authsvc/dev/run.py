@@ -3,6 +3,9 @@
 Everything lives under ``AUTHSVC_DATA_DIR/dev/``: the issuer's RSA key (made
 once), the ``whsec_`` secret (made once) and ``dev.json``, which tells
 ``dev-token`` and ``dev-webhook`` where the running dev process listens.
+
+Callers are not required: the walk-through's grpcurl lines work as printed.
+``AUTHSVC_CALLERS_FILE``, when set, is enforced as by ``authsvc grpc``.
 """
 
 from __future__ import annotations
@@ -53,13 +56,21 @@ def state_of(settings: Settings) -> dict[str, str]:
     return state
 
 
+def callers_line(settings: Settings) -> str:
+    """The banner's word on callers: ``authsvc dev`` lets anyone call unless AUTHSVC_CALLERS_FILE is set."""
+    if settings.callers_file is None:
+        return "anyone (set AUTHSVC_CALLERS_FILE to require caller keys)"
+    return f"listed in {settings.callers_file}: add -H 'x-authsvc-key: YOUR_KEY' to the grpcurl lines below"
+
+
 def banner(state: dict[str, str]) -> str:
     grpc_addr = state["grpc_addr"]
     return f"""
 authsvc dev is running (embedded database, development issuer; never use in production)
 
   webhook sidecar  {state["webhook_url"]}
-  gRPC             {grpc_addr}   (reflection and health on)
+  gRPC             {grpc_addr}   (health on, reflection {state["reflection"]})
+  callers          {state["callers"]}
   issuer (iss)     {state["issuer"]}   JWKS: {state["issuer"]}/.well-known/jwks.json
   webhook secret   {state["secret"]}
   data             {state["data_dir"]}
@@ -111,6 +122,8 @@ async def run(settings: Settings) -> None:
             "grpc_addr": f"{settings.grpc_addr.rsplit(':', 1)[0]}:{service.port}",
             "secret": secret,
             "data_dir": str(settings.data_dir.resolve()),
+            "reflection": "on" if settings.reflection else "off",
+            "callers": callers_line(settings),
         }
         _write_private(directory / "dev.json", json.dumps(state, indent=2))
         print(banner(state), flush=True)

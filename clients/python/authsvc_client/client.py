@@ -24,6 +24,8 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_ATTEMPTS = 4
 SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 READ_METHODS = ("VerifyToken", "GetUser")
+# The metadata that carries a caller's key (the server's AUTHSVC_CALLERS_FILE lists its SHA-256).
+KEY_METADATA = "x-authsvc-key"
 
 
 def service_config(attempts: int = DEFAULT_ATTEMPTS) -> str:
@@ -62,7 +64,9 @@ class AuthsvcClient:
 
     ``credentials`` selects TLS (``grpc.ssl_channel_credentials(...)``);
     without it the channel is plaintext. ``attempts`` bounds the tries of a
-    read call (1 disables retries).
+    read call (1 disables retries). ``key`` is this service's caller key,
+    sent as ``x-authsvc-key`` metadata on every call when the server lists
+    its callers (``AUTHSVC_CALLERS_FILE``).
     """
 
     def __init__(
@@ -72,8 +76,10 @@ class AuthsvcClient:
         credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         attempts: int = DEFAULT_ATTEMPTS,
+        key: str | None = None,
     ) -> None:
         self._target = target
+        self._metadata: tuple[tuple[str, str], ...] = ((KEY_METADATA, key),) if key else ()
         self._credentials = credentials
         self._options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config(attempts))]
         self._channel: grpc.aio.Channel | None = None
@@ -114,7 +120,7 @@ class AuthsvcClient:
         """
         request = authsvc_pb2.VerifyTokenRequest(token=token, min_role=int(min_role) if min_role else 0)  # type: ignore[arg-type]
         try:
-            reply = await self._stub.VerifyToken(request, timeout=timeout_s or self.timeout_s)
+            reply = await self._stub.VerifyToken(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
         return Identity.from_proto(reply)
@@ -123,7 +129,9 @@ class AuthsvcClient:
         """The user ``external_id`` (``is_active`` false once deleted); :class:`NotFound` when unknown."""
         try:
             reply = await self._stub.GetUser(
-                authsvc_pb2.GetUserRequest(external_id=external_id), timeout=timeout_s or self.timeout_s
+                authsvc_pb2.GetUserRequest(external_id=external_id),
+                timeout=timeout_s or self.timeout_s,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
@@ -142,7 +150,7 @@ class AuthsvcClient:
             reply = await self._stub.SetRole(
                 request,
                 timeout=timeout_s or self.timeout_s,
-                metadata=(("authorization", f"Bearer {caller_token}"),),
+                metadata=(*self._metadata, ("authorization", f"Bearer {caller_token}")),
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
