@@ -141,7 +141,7 @@ class Settings(BaseModel):
     env: Environment = Field(
         "development",
         alias="AUTHSVC_ENV",
-        description="development or production (refuses the embedded database and authsvc dev)",
+        description="development or production (production: MONGODB_URI required, authsvc dev refused)",
     )
     drain_s: float = Field(
         2.0, ge=0, le=300, alias="AUTHSVC_DRAIN_S", description="on SIGTERM: NOT_SERVING, keep serving this long"
