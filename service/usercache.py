@@ -37,6 +37,7 @@ state from before the write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -93,6 +94,7 @@ class UserCache:
         self._unsupported = False
         self._started = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._gauge = user_cache_stale_seconds()
         monitor.add_listener(self._update_gauge)
 
@@ -123,6 +125,7 @@ class UserCache:
             self._task = asyncio.create_task(self._follow(), name="user-cache")
 
     async def close(self) -> None:
+        self._closing = True  # PyMongo may turn a cancellation inside a driver call into an error of its own
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -180,7 +183,7 @@ class UserCache:
 
     async def _follow(self) -> None:
         failing = False  # one warning per failure streak, not one per retry
-        while True:
+        while not self._closing:
             await self._monitor.wait_up()  # no attempt, and no log line, while the database is known down
             try:
                 stream = await self._open()
@@ -203,11 +206,17 @@ class UserCache:
                 log.info("user cache following the users change stream", extra=fields(resumed=self._token is not None))
                 failing = False
                 try:
-                    async with stream:
-                        await self._drain(stream)
+                    await self._drain(stream)
                 except PyMongoError as exc:
                     failing = self._failed(failing, exc)
+                finally:
+                    # Bounded: closing a cursor on a database that no longer answers would wait for
+                    # server selection, and hold up shutdown with it.
+                    with contextlib.suppress(PyMongoError), pymongo.timeout(self._read_timeout):
+                        await stream.close()
             self._following = False
+            if self._closing:
+                return
             await asyncio.sleep(self._retry)
 
     def _failed(self, failing: bool, exc: PyMongoError) -> bool:
