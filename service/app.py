@@ -18,12 +18,16 @@ from service.callerfile import RELOAD_S, CallersFile
 from service.callers import CallersFileError
 from service.clerkapi import ClerkBackend
 from service.exposition import metrics_server
+from service.gauges import GaugeTicker, Reading
 from service.jit import JitUsers
+from service.metrics import jwks_age
+from service.rpclog import RpcLog
 from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
 from service.settings import Settings
 from service.startup import StartupError, until_signalled, user_store
 from service.tokens import TokenVerifier
+from service.tracing import Tracing, traced
 from service.usercache import UserCache
 from service.users import UserStore
 
@@ -54,10 +58,13 @@ async def grpc_service(
     grace_s: float = 5.0,
     reuse_port: bool = False,
     callers_reload_s: float = RELOAD_S,
+    tracing: Tracing | None = None,
+    gauge_interval_s: float = 1.0,
 ) -> AsyncIterator[GrpcService]:
     """Serve AuthService over ``store`` on ``settings.grpc_addr`` until the block exits.
 
-    ``AUTHSVC_CALLERS_FILE`` is re-read every ``callers_reload_s``.
+    ``AUTHSVC_CALLERS_FILE`` is re-read every ``callers_reload_s``; with
+    ``tracing`` every call is a span; the age gauges are set every ``gauge_interval_s``.
     """
     async with contextlib.AsyncExitStack() as stack:
         callers = None
@@ -73,6 +80,10 @@ async def grpc_service(
         verifier = TokenVerifier(settings)
         stack.push_async_callback(verifier.close)
         await verifier.start()
+        readings: list[Reading] = [(jwks_age(), verifier.jwks_age_s)] if verifier.uses_jwks else []
+        gauges = GaugeTicker(readings, gauge_interval_s)
+        await gauges.start()
+        stack.push_async_callback(gauges.close)
         clerk = None
         if settings.clerk_secret_key:
             clerk = ClerkBackend.for_calls(settings.clerk_api_url, settings.clerk_secret_key)
@@ -85,7 +96,8 @@ async def grpc_service(
             jit = JitUsers(users, store, clerk)
             stack.push_async_callback(jit.close)
             reader = jit
-        servicer = AuthServicer(store, verifier, reader, RoleAdmin(store, verifier, clerk))
+        rpc_log = RpcLog(settings.log_rpcs)
+        servicer = AuthServicer(store, verifier, reader, RoleAdmin(store, verifier, clerk), rpc_log)
         extra = [_ext_authz(verifier, reader, servicer)] if settings.ext_authz else []
 
         async def ready() -> bool:
@@ -101,6 +113,7 @@ async def grpc_service(
                 extra=extra,
                 reuse_port=reuse_port,
                 callers=callers,
+                tracing=tracing.server_interceptor() if tracing is not None else None,
             )
         except GrpcBindError as exc:
             raise StartupError(str(exc)) from exc
@@ -131,12 +144,17 @@ async def run_grpc(
     ``GET /metrics`` on ``AUTHSVC_METRICS_ADDR``, unless ``worker``: one of
     several workers (:mod:`service.workers`) sharing the address with
     ``SO_REUSEPORT``, whose parent serves ``/metrics``. ``on_ready`` is called once serving.
+    Traces when OpenTelemetry's variables say so (:func:`service.tracing.traced`; first, so
+    that the database client is instrumented).
     """
     async with contextlib.AsyncExitStack() as stack:
+        tracing = await stack.enter_async_context(traced("authsvc-grpc"))
         if not worker:
             await stack.enter_async_context(metrics_server(settings.metrics_addr))
         store = await stack.enter_async_context(user_store(settings))
-        service = await stack.enter_async_context(grpc_service(settings, store, grace_s=grace_s, reuse_port=worker))
+        service = await stack.enter_async_context(
+            grpc_service(settings, store, grace_s=grace_s, reuse_port=worker, tracing=tracing)
+        )
         if on_ready is not None:
             on_ready()
         await until_signalled()

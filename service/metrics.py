@@ -2,12 +2,15 @@
 
 In a multi-worker process, ``PROMETHEUS_MULTIPROC_DIR`` must be set before
 ``prometheus_client`` is first imported, so that ``/metrics`` sums every
-worker; the worker supervisor sees to that.
+worker; the worker supervisor sees to that. Gauges are never summed: each
+names its multiprocess mode.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import functools
+
+from prometheus_client import Counter, Gauge, Histogram
 
 # go-grpc-prometheus names, for every RPC served.
 GRPC_STARTED = Counter(
@@ -48,3 +51,28 @@ CLERK_REQUESTS = Counter(
     "authsvc_clerk_requests", "Clerk Backend API requests, by operation and status.", ["op", "status"]
 )
 SYNC_USERS = Counter("authsvc_sync_users", "Users seen by a sync, by outcome.", ["outcome"])
+
+
+# Gauges a process exports only once it has a value: made on first use (an unlabelled gauge is
+# exported, as 0, from the moment it exists, and 0 would be a lie for both).
+@functools.cache
+def jwks_age() -> Gauge:
+    """``authsvc grpc`` with a JWKS: seconds since the last successful fetch (+Inf before the first).
+
+    With workers, the maximum over the live ones (a dead worker's last age is not kept).
+    """
+    return Gauge(
+        "authsvc_jwks_age_seconds",
+        "Seconds since the last successful JWKS fetch (+Inf before the first).",
+        multiprocess_mode="livemax",
+    )
+
+
+@functools.cache
+def sync_last_success() -> Gauge:
+    """The sidecar: when a periodic repair run last completed (Unix time); with workers, the latest."""
+    return Gauge(
+        "authsvc_sync_last_success_timestamp_seconds",
+        "When a periodic repair (AUTHSVC_SYNC_INTERVAL_S) last completed, in Unix seconds.",
+        multiprocess_mode="max",
+    )

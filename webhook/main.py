@@ -13,6 +13,7 @@ from service.logs import fields
 from service.repair import Repairer
 from service.settings import Settings
 from service.startup import StartupError, split_addr, until_signalled, user_store
+from service.tracing import traced
 from service.users import UserStore
 from webhook.app import create_app
 
@@ -63,9 +64,11 @@ async def run_webhook(settings: Settings, *, worker: bool = False, on_ready: Cal
     """``authsvc webhook``: serve until SIGTERM/SIGINT.
 
     ``worker``: one of several workers (:mod:`service.workers`) sharing the
-    address with ``SO_REUSEPORT``; ``on_ready`` is called once serving.
+    address with ``SO_REUSEPORT``; ``on_ready`` is called once serving. Traces
+    when OpenTelemetry's variables say so (set up first: the instrumentations
+    must see the database client and the application being made).
     """
-    async with user_store(settings) as store, sidecar(settings, store, reuse_port=worker):
+    async with traced("authsvc-webhook"), user_store(settings) as store, sidecar(settings, store, reuse_port=worker):
         if on_ready is not None:
             on_ready()
         await until_signalled()

@@ -41,8 +41,10 @@ DEV = Command(
         "ext_authz",
         "callers_file",
         "reflection",
+        "log_rpcs",
     ),
     run=_serve_dev,
     check=Settings.check_dev,
     requires="AUTHSVC_ENV other than production",
+    service_name="authsvc-dev",
 )

@@ -21,6 +21,7 @@ from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service.app import grpc_service
 from service.settings import Settings
 from service.startup import StartupError, split_addr, until_signalled, user_store
+from service.tracing import traced
 from webhook.main import sidecar
 
 DEV_AZP = "http://localhost:3000"
@@ -112,9 +113,10 @@ async def run(settings: Settings) -> None:
         )
     )
     async with (
+        traced("authsvc-dev") as tracing,
         user_store(settings) as store,
         sidecar(settings, store, jwks_routes(issuer)),
-        grpc_service(settings, store) as service,
+        grpc_service(settings, store, tracing=tracing) as service,
     ):
         state = {
             "issuer": issuer_url,
