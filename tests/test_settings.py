@@ -129,3 +129,11 @@ def test_describe_shows_switches_as_on_and_off() -> None:
         ("MONGODB_URI", "unset", Settings.model_fields["mongodb_uri"].description),
         ("AUTHSVC_DATA_DIR", ".data", Settings.model_fields["data_dir"].description),
     ]
+
+
+def test_log_rpcs_takes_all_errors_or_off() -> None:
+    assert load({}, dotenv=None).log_rpcs == "all"
+    assert load({"AUTHSVC_LOG_RPCS": "Errors"}, dotenv=None).log_rpcs == "errors"
+    with pytest.raises(SettingsError) as info:
+        load({"AUTHSVC_LOG_RPCS": "some"}, dotenv=None)
+    assert info.value.problems == ["AUTHSVC_LOG_RPCS input should be 'all', 'errors' or 'off', got 'some'"]

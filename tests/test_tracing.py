@@ -32,13 +32,18 @@ from authsvc.dev.procs import ServerProcess, child_env, free_port, grpc_serving,
 from authsvc_client import AuthsvcClient
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
-from service import tracing
+from service import exposition, tracing
+from service.errors import KeyNotFound
+from service.gauges import GaugeTicker
+from service.logs import request_id
+from service.metrics import jwks_age
 from service.roles import Role
 from service.settings import Settings
+from service.tokens import TokenVerifier
 from service.users import UserStore
 from tests.conftest import WEBHOOK_SECRET
 from tests.fakeclerk import SECRET, FakeClerk
-from tests.grpc_helpers import FRONTEND, reason_of, seed, serve
+from tests.grpc_helpers import FRONTEND, issuer_settings, reason_of, seed, serve
 from tests.issuer import LocalIssuer
 from tests.sidecar import fixture
 
@@ -187,9 +192,11 @@ async def test_grpc_calls_are_spans_under_the_callers_trace_with_database_clerk_
                 grpc.StatusCode.UNAUTHENTICATED
             )
         spans = await receiver.wait_for(
-            lambda found: all(any(s.kind == Span.SERVER for s in in_trace(found, t)) for t in traces.values())
-            and any(s.name.startswith("GET") for s in in_trace(found, traces["jwks"]))
-            and sum(1 for s in in_trace(found, traces["setrole"]) if s.name.startswith("PATCH")) == 1
+            lambda found: (
+                all(any(s.kind == Span.SERVER for s in in_trace(found, t)) for t in traces.values())
+                and any(s.name.startswith("GET") for s in in_trace(found, traces["jwks"]))
+                and sum(1 for s in in_trace(found, traces["setrole"]) if s.name.startswith("PATCH")) == 1
+            )
         )
         gauges = await metrics(metrics_port)
     finally:
@@ -292,7 +299,8 @@ async def test_webhook_deliveries_are_spans_with_type_outcome_and_database_child
 
     applied, forged = server_span(spans, traces["applied"]), server_span(spans, traces["forged"])
     assert applied.service == "authsvc-webhook" and applied.name == "POST /clerk-users-webhook"
-    for span, status, kind, outcome in ((applied, 200, "user.created", "applied"), (forged, 401, "unknown", "rejected")):
+    expected = ((applied, 200, "user.created", "applied"), (forged, 401, "unknown", "rejected"))
+    for span, status, kind, outcome in expected:
         assert span.attributes["http.route"] == "/clerk-users-webhook"
         assert span.attributes["http.response.status_code"] == status
         assert (span.attributes["authsvc.webhook.type"], span.attributes["authsvc.webhook.outcome"]) == (kind, outcome)
@@ -308,3 +316,129 @@ async def test_webhook_deliveries_are_spans_with_type_outcome_and_database_child
     assert abs(gauges["authsvc_sync_last_success_timestamp_seconds"] - time.time()) < 60
     assert "authsvc_jwks_age_seconds" not in gauges
 
+
+async def test_without_an_endpoint_nothing_is_exported_and_lines_carry_no_trace(
+    settings: Settings, store: UserStore, issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    # A receiver on the SDK's default OTLP address: were a tracer installed without an endpoint, it would export here.
+    receiver = OtlpReceiver()
+    try:
+        await receiver.start(grpc_port=4317)
+    except RuntimeError:
+        pytest.skip("127.0.0.1:4317 (the default OTLP address) is in use")
+    await seed(store, "user_quiet")
+    try:
+        process, target, _ = await start_grpc("grpc-untraced", settings, issuer, tmp_path, OTEL_SERVICE_NAME="x")
+        try:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = authsvc_pb2_grpc.AuthServiceStub(channel)
+                request = pb.VerifyTokenRequest(token=issuer.mint("user_quiet", azp=FRONTEND))
+                await stub.VerifyToken(request, metadata=(("traceparent", traceparent()[0]),))
+            await asyncio.sleep(0.5)
+        finally:
+            process.stop()
+        [line] = log_lines(process, "rpc")
+        assert "trace_id" not in line and line["code"] == "OK"
+        assert receiver.requests == 0
+    finally:
+        await receiver.close()
+
+
+def test_an_endpoint_is_ignored_when_the_sdk_is_disabled() -> None:
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    assert tracing.wanted(endpoint)
+    assert tracing.wanted({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"})
+    assert not tracing.wanted({**endpoint, "OTEL_SDK_DISABLED": "true"})
+    assert not tracing.wanted({"OTEL_SERVICE_NAME": "x", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert tracing.problems({**endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}) == [
+        "OTEL_EXPORTER_OTLP_PROTOCOL must be grpc or http/protobuf, got 'http/json'"
+    ]
+
+
+async def test_without_the_extra_it_serves_and_an_endpoint_is_a_startup_problem(
+    settings: Settings, store: UserStore, issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    without = [sys.executable, "-m", "authsvc.dev.nootel", "grpc"]
+    assert settings.mongodb_uri is not None
+    env = child_env(
+        MONGODB_URI=settings.mongodb_uri,
+        CLERK_FRONTEND_API_URL=issuer.url,
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4317",
+        AUTHSVC_CLOCK_SKEW_S="lots",
+    )
+    code, out, err = await run(*without, env=env)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        "authsvc: AUTHSVC_CLOCK_SKEW_S input should be a valid integer, unable to parse string as an integer, "
+        "got 'lots'",
+        "authsvc: OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed (opentelemetry): "
+        "pip install 'authsvc[otel]'",
+    ]
+    await seed(store, "user_plain")
+    process, target, _ = await start_grpc("grpc-no-extra", settings, issuer, tmp_path, without)
+    try:
+        async with AuthsvcClient(target) as client:
+            assert (await client.verify(issuer.mint("user_plain", azp=FRONTEND))).subject == "user_plain"
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "logged"), [("all", ["OK", "PERMISSION_DENIED"]), ("errors", ["PERMISSION_DENIED"]), ("off", [])]
+)
+async def test_log_rpcs_writes_every_line_only_errors_or_none(
+    settings: Settings,
+    store: UserStore,
+    issuer: LocalIssuer,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    logged: list[str],
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with serve(settings, store, issuer, log_rpcs=mode) as h:
+        await h.seed("user_log")
+        token = h.token("user_log")
+        await h.stub.VerifyToken(pb.VerifyTokenRequest(token=token))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await h.stub.VerifyToken(pb.VerifyTokenRequest(token=token, min_role=pb.ROLE_ADMIN))
+        with pytest.raises(grpc.aio.AioRpcError):  # the call guard's line (undecodable request) obeys it too
+            await h.channel.unary_unary(f"/{SERVICE}/GetUser")(b"\xff\xff")
+    codes = [r.__dict__["fields"]["code"] for r in caplog.records if r.getMessage() == "rpc"]
+    assert sorted(codes) == sorted(logged + (["INVALID_ARGUMENT"] if mode != "off" else []))
+
+
+async def test_jwks_age_counts_from_the_last_successful_fetch(settings: Settings, issuer: LocalIssuer) -> None:
+    def exported() -> float:
+        text = exposition.render().decode()
+        [value] = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "authsvc_jwks_age_seconds"]  # fmt: skip
+        return float(value)
+
+    verifier = TokenVerifier(issuer_settings(settings, issuer), min_refetch_interval_s=0)
+    await verifier.start()
+    gauges = GaugeTicker([(jwks_age(), verifier.jwks_age_s)], interval_s=0.05)
+    await gauges.start()
+    try:
+        assert exported() < 0.5
+        await asyncio.sleep(0.6)
+        issuer.down = True
+        issuer.rotate()  # an unknown key: a fetch, which fails and leaves the age growing
+        with pytest.raises(KeyNotFound):
+            await verifier.verify(issuer.mint("user_age", azp=FRONTEND))
+        await asyncio.sleep(0.1)
+        assert exported() >= 0.6
+        issuer.down = False
+        await verifier.verify(issuer.mint("user_age", azp=FRONTEND))  # fetched: the age starts again
+        await asyncio.sleep(0.1)
+        assert exported() < 0.3
+    finally:
+        await gauges.close()
+        await verifier.close()
+
+
+def test_request_id_is_the_callers_when_printable_ascii_of_at_most_128() -> None:
+    assert request_id("req-1 /x:y") == "req-1 /x:y"
+    assert request_id("r" * 128) == "r" * 128
+    for bad in (None, "", "r" * 129, "caf\u00e9", "a\nb", "a\x7fb"):
+        found = request_id(bad)
+        assert found != bad and len(found) == 16 and int(found, 16) >= 0

@@ -114,12 +114,13 @@ class OtlpReceiver:
         body = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
         return web.Response(body=body, content_type="application/x-protobuf")
 
-    async def start(self) -> OtlpReceiver:
+    async def start(self, grpc_port: int = 0) -> OtlpReceiver:
+        """Listen (gRPC on ``grpc_port``, HTTP on a free port); RuntimeError when ``grpc_port`` is taken."""
         server = grpc.aio.server()
         handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(self._export)  # bytes
         service, method = EXPORT.lstrip("/").rsplit("/", 1)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
-        self.grpc_port = server.add_insecure_port("127.0.0.1:0")
+        self.grpc_port = server.add_insecure_port(f"127.0.0.1:{grpc_port}")
         await server.start()
         self._grpc = server
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -151,7 +152,9 @@ class OtlpReceiver:
         deadline = time.monotonic() + timeout_s
         while not found(self.spans):
             if time.monotonic() > deadline:
-                got = "\n".join(f"  {s.trace_id} {s.span_id} <- {s.parent_span_id or '-':16} {s.name}" for s in self.spans)
+                got = "\n".join(
+                    f"  {s.trace_id} {s.span_id} <- {s.parent_span_id or '-':16} {s.name}" for s in self.spans
+                )
                 raise AssertionError(f"spans not received within {timeout_s:g}s; got:\n{got}")
             await asyncio.sleep(0.05)
         return list(self.spans)
