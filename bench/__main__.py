@@ -1,4 +1,4 @@
-"""``python -m bench [webhook|verify|core|callers|memory|sync]``: run the benchmarks and print one table.
+"""``python -m bench [webhook|verify|tracing|core|callers|memory|sync]``: run the benchmarks and print one table.
 
 Figures and ratios are measured in this one run on this machine; they are
 never pass/fail tests. Every server is started here and stopped at the end;
@@ -24,17 +24,17 @@ TARGETS = {
 RATIO_NAMES = {
     ("webhook: sidecar", "webhook: raw upsert"): "sidecar / raw upsert",
 }
-BENCHMARKS = ("webhook", "verify", "core", "callers", "memory", "sync")
-DEFAULT = ("webhook", "verify", "core", "callers", "sync")  # memory takes minutes: `make bench-memory`
+BENCHMARKS = ("webhook", "verify", "tracing", "core", "callers", "memory", "sync")
+DEFAULT = ("webhook", "verify", "tracing", "core", "callers", "sync")  # memory takes minutes: `make bench-memory`
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "which", nargs="*", metavar="{webhook,verify,core,callers,memory,sync}", help="default: all but memory"
+        "which", nargs="*", metavar="{webhook,verify,tracing,core,callers,memory,sync}", help="default: all but memory"
     )
     parser.add_argument("--duration", type=float, default=None, help="seconds per phase (default 8 / 6)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the verify servers")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the verify and tracing servers")
     parser.add_argument("--calls", type=int, default=1_000_000, help="VerifyToken calls (memory)")
     parser.add_argument("--distinct", type=int, default=100_000, help="distinct tokens among them (memory)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each window")
@@ -133,6 +133,16 @@ async def main(args: argparse.Namespace) -> list[str]:
         notes += more
         extra_ratios += verify.ratio_lines(found)
         setup.append(f"verify: h2load, one repeated token, {args.rounds} interleaved rounds per server")
+    if "tracing" in which:
+        from bench import tracing
+
+        found, more = await tracing.run(
+            duration_s=args.duration or 6.0, warmup_s=args.warmup, rounds=args.rounds, profile=args.profile
+        )
+        figures += found
+        notes += more
+        extra_ratios += tracing.ratio_lines(found)
+        setup.append(f"tracing: as verify, 1 worker each: no extra, off, on 100%, on 1%; {args.rounds} rounds")
     if "core" in which:
         from bench import core
 

@@ -45,6 +45,7 @@ from tests.conftest import WEBHOOK_SECRET
 from tests.fakeclerk import SECRET, FakeClerk
 from tests.grpc_helpers import FRONTEND, issuer_settings, reason_of, seed, serve
 from tests.issuer import LocalIssuer
+from tests.raw_grpc import unary
 from tests.sidecar import fixture
 
 SERVICE = "authsvc.v1.AuthService"
@@ -173,9 +174,8 @@ async def test_grpc_calls_are_spans_under_the_callers_trace_with_database_clerk_
                     return err.code()
                 return grpc.StatusCode.OK
 
-            assert await call("denied", stub.VerifyToken, pb.VerifyTokenRequest(token=staff, min_role=3), key) == (
-                grpc.StatusCode.PERMISSION_DENIED
-            )
+            too_low = pb.VerifyTokenRequest(token=staff, min_role=pb.ROLE_SUPERADMIN)
+            assert await call("denied", stub.VerifyToken, too_low, key) == grpc.StatusCode.PERMISSION_DENIED
             assert await call("jit", stub.VerifyToken, pb.VerifyTokenRequest(token=jit), key) == grpc.StatusCode.OK
             issuer.rotate()  # a token signed by a key the process has not fetched yet: one JWKS fetch in the call
             rotated = issuer.mint("user_staff", azp=FRONTEND)
@@ -402,7 +402,7 @@ async def test_log_rpcs_writes_every_line_only_errors_or_none(
         with pytest.raises(grpc.aio.AioRpcError):
             await h.stub.VerifyToken(pb.VerifyTokenRequest(token=token, min_role=pb.ROLE_ADMIN))
         with pytest.raises(grpc.aio.AioRpcError):  # the call guard's line (undecodable request) obeys it too
-            await h.channel.unary_unary(f"/{SERVICE}/GetUser")(b"\xff\xff")
+            await unary(h.channel, f"/{SERVICE}/GetUser")(b"\xff\xff")
     codes = [r.__dict__["fields"]["code"] for r in caplog.records if r.getMessage() == "rpc"]
     assert sorted(codes) == sorted(logged + (["INVALID_ARGUMENT"] if mode != "off" else []))
 
