@@ -119,11 +119,17 @@ async def run(
 
 
 def ratio_lines(figures: list[Figure]) -> list[str]:
-    by = {f.name: f.rps for f in figures}
-    if not all(by.get(name) for name in (BASELINE, OFF, ON, SAMPLED)):
+    """Throughput against the baseline's, and the server's CPU per call against the baseline's (machine noise aside)."""
+    by = {f.name: f for f in figures}
+    if not all(name in by and by[name].rps for name in (BASELINE, OFF, ON, SAMPLED)):
         return []
+
+    def cpu_us(name: str) -> float:
+        return by[name].cpu.get("server", 0.0) / by[name].rps * 1e6
+
     lines = []
     for name, label in ((OFF, "tracing off"), (ON, "tracing on, 100%"), (SAMPLED, "tracing on, 1%")):
-        per_call_us = (1 / by[name] - 1 / by[BASELINE]) * 1e6
-        lines.append(f"  {label + ' / no extra':<28} {by[name] / by[BASELINE]:.2f}  ({per_call_us:+.1f} us per call)")
+        ratio = by[name].rps / by[BASELINE].rps
+        extra = cpu_us(name) - cpu_us(BASELINE)
+        lines.append(f"  {label + ' / no extra':<28} {ratio:.2f}  (server CPU {extra:+.0f} us per call)")
     return lines
