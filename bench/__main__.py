@@ -142,7 +142,7 @@ async def main(args: argparse.Namespace) -> list[str]:
         figures += found
         notes += more
         extra_ratios += tracing.ratio_lines(found)
-        setup.append(f"tracing: as verify, 1 worker each: no extra, off, on 100%, on 1%; {args.rounds} rounds")
+        setup.append(f"tracing: as verify, 1 worker each, off and on (see bench/tracing.py); {args.rounds} rounds")
     if "core" in which:
         from bench import core
 

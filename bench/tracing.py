@@ -8,9 +8,11 @@ root span):
 
 - ``baseline``: ``python -m authsvc.dev.nootel grpc``, as installed without the ``otel`` extra;
 - ``off``: the extra installed, no ``OTEL_EXPORTER_OTLP_ENDPOINT``;
-- ``on 100%``: exporting over OTLP/gRPC to a receiver in this process (which
-  only counts spans), the SDK's default sampler (``parentbased_always_on``);
-- ``on 1%``: the same with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG=0.01``.
+- ``on 100%``: exporting over OTLP/HTTP (the default protocol) to a receiver in
+  this process (which only counts spans), the SDK's default sampler (``parentbased_always_on``);
+- ``on 1%``: the same with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG=0.01``;
+- ``on 1%, OTLP/gRPC``: the same over ``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``, whose
+  exporter (a sync grpcio channel) shares the process with the grpc.aio server.
 
 Everything else is the SDK's defaults (batching: ``OTEL_BSP_*``). Rounds
 interleave the servers; each figure is the median round, and the ratios
@@ -32,25 +34,28 @@ from bench.common import Figure, private_mongo, workdir
 from bench.verify import AZP, DB, SUBJECT, Server, drive, grpc_frame, handled, median_figure, seed, wait_serving
 from service.embedded import free_port
 
-BASELINE, OFF, ON, SAMPLED = (
+BASELINE, OFF, ON, SAMPLED, OVER_GRPC = (
     "tracing: baseline (no extra)",
     "tracing: off",
     "tracing: on, 100%",
     "tracing: on, 1%",
+    "tracing: on, 1%, OTLP/gRPC",
 )
+SERVERS = (BASELINE, OFF, ON, SAMPLED, OVER_GRPC)
 
 
 def servers_env(receiver: OtlpReceiver) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Per server: the command after the interpreter, and its OpenTelemetry variables."""
-    exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint}
+    one_in_100 = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
+    over_grpc = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    authsvc = ["-m", "authsvc", "grpc"]
     return {
         BASELINE: (["-m", "authsvc.dev.nootel", "grpc"], {}),
-        OFF: (["-m", "authsvc", "grpc"], {}),
-        ON: (["-m", "authsvc", "grpc"], exporting),
-        SAMPLED: (
-            ["-m", "authsvc", "grpc"],
-            {**exporting, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
-        ),
+        OFF: (authsvc, {}),
+        ON: (authsvc, exporting),
+        SAMPLED: (authsvc, {**exporting, **one_in_100}),
+        OVER_GRPC: (authsvc, {**over_grpc, **one_in_100}),
     }
 
 
@@ -89,7 +94,7 @@ async def run(
                 for server in servers:
                     await wait_serving(server)
                 by_name = {s.name: s for s in servers}
-                runs: dict[str, list[Figure]] = {name: [] for name in (BASELINE, OFF, ON, SAMPLED)}
+                runs: dict[str, list[Figure]] = {name: [] for name in SERVERS}
                 for _ in range(rounds):
                     for name in runs:
                         runs[name].append(await drive(name, by_name[name], body, duration_s, warmup_s, tmp, profile))
@@ -107,8 +112,8 @@ async def run(
                     server.process.stop()  # flushes what the exporters still hold
                 notes.append(
                     f"tracing: the receiver got {receiver.span_count:,} spans for "
-                    f"{calls[ON] + calls[SAMPLED]:,.0f} traced calls ({calls[ON]:,.0f} at 100%, "
-                    f"{calls[SAMPLED]:,.0f} at 1%; the SDK drops spans when its queue is full)"
+                    f"{calls[ON] + calls[SAMPLED] + calls[OVER_GRPC]:,.0f} traced calls ({calls[ON]:,.0f} at 100%, "
+                    f"{calls[SAMPLED] + calls[OVER_GRPC]:,.0f} at 1%; the SDK drops spans when its queue is full)"
                 )
         finally:
             for server in servers:
@@ -121,15 +126,16 @@ async def run(
 def ratio_lines(figures: list[Figure]) -> list[str]:
     """Throughput against the baseline's, and the server's CPU per call against the baseline's (machine noise aside)."""
     by = {f.name: f for f in figures}
-    if not all(name in by and by[name].rps for name in (BASELINE, OFF, ON, SAMPLED)):
+    if not all(name in by and by[name].rps for name in SERVERS):
         return []
 
     def cpu_us(name: str) -> float:
         return by[name].cpu.get("server", 0.0) / by[name].rps * 1e6
 
     lines = []
-    for name, label in ((OFF, "tracing off"), (ON, "tracing on, 100%"), (SAMPLED, "tracing on, 1%")):
+    labels = ((OFF, "off"), (ON, "on, 100%"), (SAMPLED, "on, 1%"), (OVER_GRPC, "on, 1%, OTLP/gRPC"))
+    for name, label in labels:
         ratio = by[name].rps / by[BASELINE].rps
         extra = cpu_us(name) - cpu_us(BASELINE)
-        lines.append(f"  {label + ' / no extra':<28} {ratio:.2f}  (server CPU {extra:+.0f} us per call)")
+        lines.append(f"  {'tracing ' + label + ' / no extra':<37} {ratio:.2f}  (server CPU {extra:+.0f} us per call)")
     return lines
