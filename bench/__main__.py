@@ -142,6 +142,7 @@ async def main(args: argparse.Namespace) -> list[str]:
         figures += found
         notes += more
         extra_ratios += tracing.ratio_lines(found)
+        sections += ["", *await tracing.interceptor_cost()]
         setup.append(f"tracing: as verify, 1 worker each, off and on (see bench/tracing.py); {args.rounds} rounds")
     if "core" in which:
         from bench import core

@@ -103,6 +103,14 @@ def resource(default_name: str) -> Resource:
     return Resource.create({} if named else {SERVICE_NAME: default_name})
 
 
+def exporting_provider(service_name: str, protocol: str) -> TracerProvider:
+    """A tracer provider as the SDK's variables configure it, sampling by :class:`CallsOnly`, exporting over OTLP."""
+    provider = TracerProvider(resource=resource(service_name), shutdown_on_exit=False)
+    provider.sampler = CallsOnly(provider.sampler)  # before any tracer exists: tracers copy it
+    provider.add_span_processor(BatchSpanProcessor(exporter_class(protocol)()))
+    return provider
+
+
 class OtelTracing:
     """A tracer provider exporting over OTLP, the instrumentations given it, and log correlation.
 
@@ -125,13 +133,12 @@ class OtelTracing:
             os.environ.setdefault(name, value)
         if not os.environ.get("OTEL_PYTHON_EXCLUDED_URLS"):
             os.environ.setdefault("OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS", UNTRACED_PATHS)
-        provider = TracerProvider(resource=resource(service_name), shutdown_on_exit=False)
-        provider.sampler = CallsOnly(provider.sampler)  # before any tracer exists: tracers copy it
-        provider.add_span_processor(BatchSpanProcessor(exporter_class(protocol)()))
-        AioHttpServerInstrumentor().instrument(tracer_provider=provider)
-        AioHttpClientInstrumentor().instrument(tracer_provider=provider)
-        PymongoInstrumentor().instrument(tracer_provider=provider, capture_statement=False)
-        return cls(provider, [AioHttpServerInstrumentor(), AioHttpClientInstrumentor(), PymongoInstrumentor()])
+        provider = exporting_provider(service_name, protocol)
+        server, client, mongo = AioHttpServerInstrumentor(), AioHttpClientInstrumentor(), PymongoInstrumentor()
+        server.instrument(tracer_provider=provider)
+        client.instrument(tracer_provider=provider)
+        mongo.instrument(tracer_provider=provider, capture_statement=False)  # statements hold emails
+        return cls(provider, [server, client, mongo])
 
     def server_interceptor(self) -> grpc.aio.ServerInterceptor:
         """The gRPC server interceptor that opens each call's span (outermost of the server's)."""

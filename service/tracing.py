@@ -31,10 +31,7 @@ except ImportError:  # the otel extra is not installed
 ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 PROTOCOLS = ("grpc", "http/protobuf")
-# The OTLP specification's default. (The Python SDK's own configurator defaults to grpc, but an
-# OTLP/gRPC exporter, a sync grpcio channel in the grpc.aio server's process, costs every call of
-# `authsvc grpc` CPU even when no span is sampled: `make bench` measures both.)
-DEFAULT_PROTOCOL = "http/protobuf"
+DEFAULT_PROTOCOL = "grpc"  # as the OpenTelemetry Python SDK's own configuration defaults
 
 
 class Tracing(Protocol):

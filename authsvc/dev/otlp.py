@@ -158,3 +158,20 @@ class OtlpReceiver:
                 raise AssertionError(f"spans not received within {timeout_s:g}s; got:\n{got}")
             await asyncio.sleep(0.05)
         return list(self.spans)
+
+
+async def _serve_until_signalled() -> None:
+    """Both receivers, counting; print ``grpc PORT http PORT`` and serve until SIGTERM/SIGINT."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with OtlpReceiver(keep=False) as receiver:
+        print(f"grpc {receiver.grpc_port} http {receiver.http_port}", flush=True)
+        await stop.wait()
+
+
+if __name__ == "__main__":  # a receiver in a process of its own, for a measurement whose CPU it must not share
+    asyncio.run(_serve_until_signalled())
