@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -47,13 +48,13 @@ class Command:
         lines = ["settings (environment variables; also read from .env in the working directory):"]
         lines += [f"  {name:<{width[0]}}  {default:<{width[1]}}  {meaning}".rstrip() for name, default, meaning in rows]
         if self.service_name:
-            lines += [
-                "",
+            tracing = (
                 "tracing: OpenTelemetry's own variables, from the environment (not .env): with "
                 "OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set, traces go over OTLP "
                 "(OTEL_EXPORTER_OTLP_PROTOCOL grpc or http/protobuf); also OTEL_SERVICE_NAME (default "
-                f"{self.service_name}), OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED.",
-            ]
+                f"{self.service_name}), OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED."
+            )
+            lines += ["", *textwrap.wrap(tracing, 100, break_on_hyphens=False)]
         if self.requires:
             lines += ["", f"required: {self.requires}"]
         lines += ["", "A missing or invalid setting exits with status 2, one line per problem."]
