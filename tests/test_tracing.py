@@ -33,11 +33,15 @@ from authsvc_client import AuthsvcClient
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 from service import exposition, tracing
+from service.access import RoleAdmin
 from service.errors import KeyNotFound
 from service.gauges import GaugeTicker
 from service.logs import request_id
 from service.metrics import jwks_age
 from service.roles import Role
+from service.rpclog import RpcLog
+from service.server import start_server
+from service.servicer import AuthServicer
 from service.settings import Settings
 from service.tokens import TokenVerifier
 from service.users import UserStore
@@ -442,3 +446,27 @@ def test_request_id_is_the_callers_when_printable_ascii_of_at_most_128() -> None
     for bad in (None, "", "r" * 129, "caf\u00e9", "a\nb", "a\x7fb"):
         found = request_id(bad)
         assert found != bad and len(found) == 16 and int(found, 16) >= 0
+
+
+async def test_log_rpcs_off_still_reports_an_internal_failure_with_its_traceback(
+    settings: Settings, store: UserStore, issuer: LocalIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A verifier that was never started fails with a RuntimeError (a bug, not an AuthError) when it needs keys.
+    unstarted = issuer_settings(settings, issuer, log_rpcs="off")
+    verifier = TokenVerifier(unstarted)
+    servicer = AuthServicer(store, verifier, store, RoleAdmin(store, verifier, None), RpcLog("off"))
+    server = await start_server(unstarted, servicer, store.ping)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = authsvc_pb2_grpc.AuthServiceStub(channel)
+            request = pb.VerifyTokenRequest(token=issuer.mint("user_bug"))
+            await stub.VerifyToken(request, metadata=(("x-request-id", "r-9"),))
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == grpc.StatusCode.INTERNAL and err.details() == "internal error (request id r-9)"
+    else:
+        raise AssertionError("the call did not fail")
+    finally:
+        await server.stop(grace_s=0)
+    [line] = [r for r in caplog.records if r.getMessage() == "rpc"]
+    assert line.levelno == logging.ERROR and line.exc_info is not None
+    assert line.__dict__["fields"]["request_id"] == "r-9"
