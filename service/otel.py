@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Sequence
 
 import grpc
@@ -47,6 +48,9 @@ ENV_DEFAULTS = {
     # Current HTTP conventions: http.response.status_code, http.request.method, url.full (not http.status_code...).
     "OTEL_SEMCONV_STABILITY_OPT_IN": "http",
 }
+# At shutdown, what is still queued is exported for at most this long (an unreachable collector must
+# not hold a stopping process past its drain budget).
+FLUSH_S = 2.0
 # Probes and scrapes are not traced (the aiohttp server instrumentation matches these on the path).
 UNTRACED_PATHS = "^/healthz$,^/readyz$,^/metrics$"
 
@@ -145,9 +149,16 @@ class OtelTracing:
         return TracingInterceptor(self.provider.get_tracer("authsvc"))
 
     async def shutdown(self) -> None:
-        """Stop instrumenting, stop stamping log lines, export what is left (bounded by the exporter's timeout)."""
+        """Stop instrumenting, stop stamping log lines, export what is left for at most :data:`FLUSH_S`.
+
+        The SDK's own shutdown waits up to 30 s (and the exporter retries up to
+        its timeout) for a collector that does not answer; it runs in a daemon
+        thread here, which the process does not wait for past the bound.
+        """
         for instrumentor in self._instrumentors:
             instrumentor.uninstrument()
         for handler in self._handlers:
             handler.removeFilter(self._log_filter)
-        await asyncio.to_thread(self.provider.shutdown)
+        flushing = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        flushing.start()
+        await asyncio.to_thread(flushing.join, FLUSH_S)

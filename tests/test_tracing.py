@@ -38,6 +38,7 @@ from service.errors import KeyNotFound
 from service.gauges import GaugeTicker
 from service.logs import request_id
 from service.metrics import jwks_age
+from service.otel import FLUSH_S
 from service.roles import Role
 from service.rpclog import RpcLog
 from service.server import start_server
@@ -470,3 +471,24 @@ async def test_log_rpcs_off_still_reports_an_internal_failure_with_its_traceback
     [line] = [r for r in caplog.records if r.getMessage() == "rpc"]
     assert line.levelno == logging.ERROR and line.exc_info is not None
     assert line.__dict__["fields"]["request_id"] == "r-9"
+
+
+async def test_an_unreachable_collector_delays_shutdown_by_at_most_the_flush_bound(
+    settings: Settings, issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    process, target, _ = await start_grpc(
+        "grpc-collector-down",
+        settings,
+        issuer,
+        tmp_path,
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        OTEL_EXPORTER_OTLP_TIMEOUT="30",
+        OTEL_BSP_SCHEDULE_DELAY="60000",  # the spans are still queued at the signal
+    )
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = authsvc_pb2_grpc.AuthServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.GetUser(pb.GetUserRequest(external_id="user_nobody"))
+    began = time.monotonic()
+    assert process.stop(timeout_s=60) == 0
+    assert time.monotonic() - began < FLUSH_S + 3.0, process.tail()
