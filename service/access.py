@@ -6,27 +6,22 @@ of them into status codes; nothing here knows about either.
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 from service.clerkapi import ClerkBackend
 from service.errors import (
     CallerNotSuperadmin,
     InvalidArgument,
-    LastSuperadmin,
     RoleTooLow,
-    TargetInactive,
     TokenMissing,
     UserInactive,
-    UserNotFound,
     UserNotSynced,
 )
-from service.logs import bind, fields
+from service.logs import bind
+from service.rolechanges import RoleChanges
 from service.roles import Role
 from service.tokens import TokenVerifier, VerifiedToken
 from service.users import UserRecord, UserStore
-
-log = logging.getLogger(__name__)
 
 MAX_EXTERNAL_ID = 256
 
@@ -70,12 +65,12 @@ async def authorize(
 
 
 class RoleAdmin:
-    """SetRole: superadmins change roles in Clerk (when configured), then MongoDB, with an audit record."""
+    """SetRole in two steps: who the caller is (:meth:`caller`), then the change (:class:`RoleChanges`)."""
 
     def __init__(self, store: UserStore, verifier: TokenVerifier, clerk: ClerkBackend | None) -> None:
         self._store = store
         self._verifier = verifier
-        self._clerk = clerk
+        self._changes = RoleChanges(store, clerk)
 
     async def set_role(
         self,
@@ -86,64 +81,34 @@ class RoleAdmin:
         """Give ``external_id`` the role ``role`` on behalf of the holder of ``token``; return the user.
 
         The caller is checked before the arguments, so an outsider learns
-        nothing about which users exist: no token is :class:`TokenMissing`; a
-        caller who is not a synced, active superadmin is
-        :class:`CallerNotSuperadmin` (or :class:`UserInactive`). Then: an empty
-        id or no role is :class:`InvalidArgument`, an unknown target
-        :class:`UserNotFound`, an inactive one :class:`TargetInactive`, and
-        demoting the last active superadmin :class:`LastSuperadmin`. A Clerk
-        failure is :class:`ClerkUnavailable` and changes nothing.
+        nothing about which users exist (:meth:`caller`). Then: an empty id or
+        no role is :class:`InvalidArgument`; the rest is the change's
+        (:meth:`RoleChanges.apply`): an unknown target :class:`UserNotFound`,
+        an inactive one :class:`TargetInactive`, demoting the last active
+        superadmin :class:`LastSuperadmin`, a Clerk failure
+        :class:`ClerkUnavailable` (or another Clerk error), each before
+        anything is written or with nothing known to be written.
+        """
+        caller = await self.caller(token)
+        check_external_id(external_id)
+        if role is None:
+            raise InvalidArgument("role must be ROLE_STAFF, ROLE_ADMIN or ROLE_SUPERADMIN")
+        return await self._changes.apply(caller.subject, external_id, role)
+
+    async def caller(self, token: str | None) -> VerifiedToken:
+        """Who asks: the verified token of a synced, active superadmin.
+
+        No token is :class:`TokenMissing`; a caller who is not a synced, active
+        superadmin is :class:`CallerNotSuperadmin` (or :class:`UserInactive`).
+        The caller is authorized when the call arrives.
         """
         if not token:
             raise TokenMissing("authorization metadata with a bearer token is required")
         caller, record = await authorize(self._verifier, self._store, token, None)
         if record is None or record.role is not Role.SUPERADMIN:
             raise CallerNotSuperadmin("only an active superadmin may change roles")
+        return caller
 
-        check_external_id(external_id)
-        if role is None:
-            raise InvalidArgument("role must be ROLE_STAFF, ROLE_ADMIN or ROLE_SUPERADMIN")
-
-        target = await self._store.get(external_id)
-        if target is None:
-            raise UserNotFound("user not found")
-        if not target.is_active:
-            raise TargetInactive("user is inactive; its role cannot be changed")
-        demotion = target.role is Role.SUPERADMIN and role is not Role.SUPERADMIN
-        if demotion and not await self._another_superadmin(external_id):
-            raise LastSuperadmin("the last active superadmin cannot be demoted")
-
-        if self._clerk is not None:
-            await self._clerk.set_role(external_id, role)  # ClerkUnavailable: nothing changed
-        updated = await self._store.set_role(external_id, role, by=caller.subject, via="grpc")
-        if updated is None:  # deleted between the read and the write
-            raise UserNotFound("user not found")
-
-        # Two superadmins demoting each other (or themselves) at once both pass
-        # the check above. Re-checking after our own write closes that race:
-        # whichever write lands last sees no active superadmin and reverts, so
-        # at least one always remains. Both may revert; that is the safe side.
-        if demotion and not await self._store.active_superadmins(limit=1):
-            await self._revert(external_id, caller.subject)
-            raise LastSuperadmin("the last active superadmin cannot be demoted")
-        return updated
-
-    async def _another_superadmin(self, external_id: str) -> bool:
-        # With limit=2 a second active superadmin shows up whenever one exists.
-        found = await self._store.active_superadmins(limit=2)
-        return any(other != external_id for other in found)
-
-    async def _revert(self, external_id: str, by: str) -> None:
-        await self._store.set_role(external_id, Role.SUPERADMIN, by=by, via="grpc-revert")
-        if self._clerk is not None:
-            try:
-                await self._clerk.set_role(external_id, Role.SUPERADMIN)
-            except Exception:
-                # Clerk now says the demoted role; its user.updated event would
-                # demote this user in MongoDB. Loud, because an operator must fix it.
-                log.error(
-                    "clerk role revert failed; restore public_metadata.role=superadmin by hand",
-                    exc_info=True,
-                    extra=fields(externalId=external_id),
-                )
-        log.warning("demotion reverted: no active superadmin would remain", extra=fields(externalId=external_id))
+    async def close(self) -> None:
+        """Let role changes under way finish (their callers may be gone)."""
+        await self._changes.close()

@@ -96,8 +96,9 @@ async def grpc_service(
             jit = JitUsers(users, store, clerk)
             stack.push_async_callback(jit.close)
             reader = jit
-        rpc_log = RpcLog(settings.log_rpcs)
-        servicer = AuthServicer(store, verifier, reader, RoleAdmin(store, verifier, clerk), rpc_log)
+        roles = RoleAdmin(store, verifier, clerk)
+        stack.push_async_callback(roles.close)  # before the Clerk client and the store close
+        servicer = AuthServicer(store, verifier, reader, roles, RpcLog(settings.log_rpcs))
         extra = [_ext_authz(verifier, reader, servicer)] if settings.ext_authz else []
 
         async def ready() -> bool:

@@ -16,7 +16,6 @@ timeout, quotes user ids as one path segment, is counted in
 from __future__ import annotations
 
 import email.utils
-import json as jsonlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +24,7 @@ from urllib.parse import quote
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
+from service import clerkjson
 from service.errors import ClerkKeyRefused, ClerkRejected, ClerkUnavailable, ClerkUserNotFound
 from service.logs import fields
 from service.metrics import CLERK_REQUESTS
@@ -128,10 +128,19 @@ class ClerkBackend:
             self._session = None
 
     # --- operations ------------------------------------------------------------
-    async def set_role(self, user_id: str, role: Role) -> None:
-        """Merge ``{"role": ...}`` into the user's ``public_metadata``."""
+    async def set_role(self, user_id: str, role: Role) -> ClerkUser:
+        """Merge ``{"role": ...}`` into the user's ``public_metadata``; return the user as Clerk now holds it.
+
+        The answer carries the user's new ``updated_at``: the version MongoDB's
+        copy is written with. An answer that is not a user object is
+        :class:`ClerkUnavailable`, though the change may have been made.
+        """
         body = {"public_metadata": {"role": role.wire}}
-        await self._request("set_role", "PATCH", f"/v1/users/{quote(user_id, safe='')}/metadata", json=body, user=True)
+        path = f"/v1/users/{quote(user_id, safe='')}/metadata"
+        user = await self._request("set_role", "PATCH", path, json=body, user=True)
+        if not isinstance(user, dict):
+            raise ClerkUnavailable("Clerk answered set_role with something other than a user object")
+        return user
 
     async def get_user(self, user_id: str) -> ClerkUser:
         """``GET /v1/users/{id}``; :class:`ClerkUserNotFound` when Clerk has no such user."""
@@ -202,8 +211,8 @@ class ClerkBackend:
         code = response.status
         CLERK_REQUESTS.labels(op=op, status=str(code)).inc()
         try:
-            body = jsonlib.loads(raw) if raw else None
-        except ValueError:
+            body = clerkjson.loads(raw) if raw else None
+        except ValueError:  # the page as a whole is not JSON (one odd user in it still parses)
             body = None
         if code < 300:
             if body is None and raw:

@@ -116,10 +116,9 @@ def role_of(data: dict[str, Any]) -> Role:
         return DEFAULT_ROLE
     role = Role.parse(raw)
     if role is None:
-        log.warning(
-            "unknown role in public_metadata; using staff",
-            extra=fields(externalId=data.get("id"), role=ascii(raw)[:64]),
-        )
+        # Only a string is quoted (the first 64 characters): repr() of anything else may be huge or too deep.
+        shown = ascii(raw[:64]) if isinstance(raw, str) else f"<{type(raw).__name__}>"
+        log.warning("unknown role in public_metadata; using staff", extra=fields(externalId=data.get("id"), role=shown))
         return DEFAULT_ROLE
     return role
 

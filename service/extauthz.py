@@ -9,7 +9,9 @@ Python middleware uses too); the minimum role from the route's
 :func:`service.access.authorize` over the same user reader as VerifyToken.
 
 - allowed: OK, ``x-authsvc-user-id``/``-role``/``-session-id`` overwrite
-  whatever the client sent, and every other client ``x-authsvc-*`` header is removed;
+  whatever the client sent, and every other client header in authsvc's
+  namespace is removed (:func:`spoofable`: ``x_authsvc_role`` too, which
+  CGI-style backends read as ``x-authsvc-role``);
 - denied: an OK RPC whose ``CheckResponse`` carries UNAUTHENTICATED/401 or
   PERMISSION_DENIED/403 and a JSON body ``{"error", "reason"}``; a caller
   that ``AUTHSVC_CALLERS_FILE`` refuses (Envoy itself, without its key) is
@@ -24,7 +26,7 @@ Python middleware uses too); the minimum role from the route's
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -33,7 +35,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
-from authsvc_client.bearer import MalformedAuthorization, http_token
+from authsvc_client.bearer import MalformedAuthorization, http_token, join_cookie_headers
 from service.access import UserReader, authorize
 from service.calls import current_reason
 from service.errors import (
@@ -62,13 +64,19 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def request_headers(request: external_auth_pb2.CheckRequest) -> dict[str, str]:
-    """The HTTP request's headers, lower-cased (``header_map`` when Envoy sends raw headers)."""
+    """The HTTP request's headers, lower-cased (``header_map`` when Envoy sends raw headers).
+
+    Repeated headers are joined as HTTP joins them, with ``,``; repeated
+    ``cookie`` headers are one cookie list, joined with ``; ``.
+    """
     http = request.attributes.request.http
     headers = {key.lower(): value for key, value in http.headers.items()}
     for entry in http.header_map.headers:
         value = entry.value or entry.raw_value.decode("utf-8", "replace")
         key = entry.key.lower()
-        headers[key] = f"{headers[key]},{value}" if key in headers else value
+        if key in headers:
+            value = join_cookie_headers((headers[key], value)) if key == "cookie" else f"{headers[key]},{value}"
+        headers[key] = value
     return headers
 
 
@@ -81,6 +89,17 @@ def min_role_of(request: external_auth_pb2.CheckRequest) -> Role | None:
     if role is None:
         raise InvalidArgument(f"context_extensions min_role {raw[:32]!r} is not staff, admin or superadmin")
     return role
+
+
+def spoofable(name: str) -> bool:
+    """Whether a client header claims authsvc's namespace: ``x-authsvc-…`` in any case, ``_`` read as ``-``."""
+    return name.lower().replace("_", "-").startswith(PREFIX)
+
+
+def headers_to_remove(headers: Iterable[str], ours: Iterable[base_pb2.HeaderValueOption]) -> list[str]:
+    """The client's headers in authsvc's namespace, but for those ``ours`` overwrites."""
+    kept = {option.header.key for option in ours}
+    return sorted(name for name in headers if spoofable(name) and name not in kept)
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -140,12 +159,10 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
                 ours.append(_header(SESSION_ID, verified.session_id))
             if user is not None:
                 ours.append(_header(ROLE, user.role.wire))
-            kept = {option.header.key for option in ours}
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=grpc.StatusCode.OK.value[0]),
                 ok_response=external_auth_pb2.OkHttpResponse(
-                    headers=ours,
-                    headers_to_remove=sorted(key for key in headers if key.startswith(PREFIX) and key not in kept),
+                    headers=ours, headers_to_remove=headers_to_remove(headers, ours)
                 ),
             )
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import PyMongoError
 
 from service.clerkapi import ClerkBackend
 from service.errors import AuthError
+from service.leases import Lease
 from service.logs import fields
 from service.metrics import sync_last_success
 from service.sync import SyncIncomplete, reconcile
-from service.users import Document, UserStore
+from service.users import UserStore
 
 log = logging.getLogger(__name__)
 
@@ -38,37 +38,6 @@ class LeaseLost(Exception):
 def _now() -> datetime:
     now = datetime.now(UTC)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-class Lease:
-    """One named lease over a collection: at most one holder until it expires."""
-
-    def __init__(self, collection: AsyncCollection[Document], holder: str, *, name: str = LEASE_ID) -> None:
-        self._leases = collection
-        self.holder = holder
-        self._name = name
-
-    async def acquire(self, ttl_s: float) -> bool:
-        """Take the lease if it is free, expired, or already ours; True when we hold it for ``ttl_s``."""
-        now = _now()
-        lease = {"$set": {"holder": self.holder, "expiresAt": now + timedelta(seconds=ttl_s)}}
-        try:
-            await self._leases.update_one({"_id": self._name, "expiresAt": {"$lte": now}}, lease, upsert=True)
-            return True
-        except DuplicateKeyError:  # held and not expired: by us?
-            return await self.extend(ttl_s)
-
-    async def extend(self, ttl_s: float) -> bool:
-        """Hold our lease ``ttl_s`` from now; False when it is no longer ours."""
-        until = _now() + timedelta(seconds=ttl_s)
-        result = await self._leases.update_one(
-            {"_id": self._name, "holder": self.holder}, {"$set": {"expiresAt": until}}
-        )
-        return result.matched_count == 1
-
-    async def release(self) -> None:
-        """Let another replica take it at once (if it is still ours)."""
-        await self._leases.update_one({"_id": self._name, "holder": self.holder}, {"$set": {"expiresAt": _now()}})
 
 
 class Repairer:
@@ -87,7 +56,7 @@ class Repairer:
         self._clerk = clerk
         self._interval = interval_s
         self._ttl = ttl_s
-        self.lease = Lease(store.leases, holder or f"repair-{uuid.uuid4().hex[:12]}")
+        self.lease = Lease(store.leases, holder or f"repair-{uuid.uuid4().hex[:12]}", name=LEASE_ID)
         self._task: asyncio.Task[None] | None = None
         self._running = False
 

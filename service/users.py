@@ -96,7 +96,7 @@ def _now() -> datetime:
 
 
 @contextlib.asynccontextmanager
-async def _translate() -> AsyncIterator[None]:
+async def translate_errors() -> AsyncIterator[None]:
     """Database failures become :class:`DatabaseUnavailable` (503 / UNAVAILABLE)."""
     try:
         yield
@@ -162,7 +162,7 @@ class UserStore:
         self.leases: AsyncCollection[Document] = db.get_collection("leases", write_concern=write_concern)
 
     async def ensure_indexes(self) -> None:
-        async with _translate():
+        async with translate_errors():
             await self.users.create_index([("externalId", ASCENDING)], unique=True, name="byExternalId")
             await self.users.create_index([("role", ASCENDING), ("isActive", ASCENDING)], name="byRoleActive")
             await self.events.create_index(
@@ -189,7 +189,7 @@ class UserStore:
             "outcome": outcome.value,
             "receivedAt": _now(),
         }
-        async with _translate():
+        async with translate_errors():
             try:
                 await self._ledger.insert_one(entry)
             except DuplicateKeyError:
@@ -203,6 +203,7 @@ class UserStore:
         delivery_id: str | None = None,
         *,
         via: str = "webhook",
+        by: str = "clerk",
         stored: Document | None = _READ,
     ) -> Outcome:
         """Apply a Clerk user object unless it is older than what is stored: the ONE conditional user write.
@@ -257,13 +258,13 @@ class UserStore:
             # Known absent (the comparison saw no document, not even a tombstone): the upsert's insert
             # as a plain insert, the cheapest write. A writer that inserted since makes it collide;
             # the conditional update below then decides as always.
-            async with _translate():
+            async with translate_errors():
                 try:
                     await self.users.insert_one({"externalId": profile.external_id, **fields, "createdAt": now})
                     return Outcome.CREATED
                 except DuplicateKeyError:
                     pass
-        async with _translate():
+        async with translate_errors():
             # Skipped when the comparison above saw no document or another role: it could not match.
             if delivery_id is not None or known_role == profile.role.wire:
                 same_role = await self.users.update_one({**query, "role": profile.role.wire}, {"$set": fields})
@@ -282,14 +283,14 @@ class UserStore:
                     return await self._classify(profile.external_id, delivery_id)
                 inserted = False
         if not inserted and before is not None and before.get("role") != profile.role.wire:
-            await self._audit(profile.external_id, before.get("role"), profile.role.wire, by="clerk", via=via)
+            await self._audit(profile.external_id, before.get("role"), profile.role.wire, by=by, via=via)
         return Outcome.CREATED if inserted else Outcome.UPDATED
 
     async def _classify(self, external_id: str, delivery_id: str | None) -> Outcome:
         """Why an upsert matched nothing: this delivery already wrote it (a retry), or the event is stale."""
         if delivery_id is None:
             return Outcome.STALE
-        async with _translate():
+        async with translate_errors():
             mine = await self.users.find_one({**_live(external_id), "lastSvixId": delivery_id}, {"_id": 1})
         return Outcome.APPLIED if mine else Outcome.STALE
 
@@ -302,7 +303,7 @@ class UserStore:
         }
         if self._delete_mode == "hard":
             update["$unset"] = {"name": "", "email": ""}
-        async with _translate():
+        async with translate_errors():
             try:
                 await self.users.update_one(_live(external_id), update, upsert=True)
             except DuplicateKeyError:
@@ -316,7 +317,7 @@ class UserStore:
             "name": {"$exists": True},
             "lastLoginAt": {"$not": {"$gte": at}},  # missing, null or older
         }
-        async with _translate():
+        async with translate_errors():
             result = await self.users.update_one(query, {"$set": {"lastLoginAt": at, "updatedAt": _now()}})
             if result.matched_count:
                 return Outcome.APPLIED
@@ -330,7 +331,7 @@ class UserStore:
         A tombstone (deleted before it was created, or hard-deleted) counts as
         unknown unless ``include_tombstones``: access checks want to see it, inactive.
         """
-        async with _translate():
+        async with translate_errors():
             doc = await self.users.find_one({"externalId": external_id})
         if doc is None:
             return None
@@ -340,45 +341,50 @@ class UserStore:
     async def mirrored(self, external_ids: list[str]) -> dict[str, Document]:
         """The :data:`MIRRORED` fields of these users (tombstones too), by external id: one read for a page."""
         projection = {"_id": 0, "externalId": 1, **dict.fromkeys(MIRRORED, 1)}
-        async with _translate():
+        async with translate_errors():
             cursor = self.users.find({"externalId": {"$in": external_ids}}, projection)
             return {doc["externalId"]: doc async for doc in cursor}
 
     async def live_ids(self) -> set[str]:
         """External ids of every user not deleted (what ``sync --prune`` may prune)."""
-        async with _translate():
+        async with translate_errors():
             cursor = self.users.find({"deletedAt": {"$exists": False}}, {"_id": 0, "externalId": 1})
             return {doc["externalId"] async for doc in cursor}
 
     # --- roles -----------------------------------------------------------------
-    async def set_role(self, external_id: str, role: Role, *, by: str, via: str = "grpc") -> UserRecord | None:
-        """Set the role of a live user and audit the change. None when there is no such live user.
+    async def set_role(
+        self, external_id: str, role: Role, *, expected: Role, by: str, via: str = "grpc"
+    ) -> UserRecord | None:
+        """Set the role of a live user if it is still ``expected`` (compare-and-set), and audit the change.
 
-        The last-superadmin rule is the caller's (:class:`service.access.RoleAdmin`).
+        None when no live user holds ``expected`` (changed or deleted since it
+        was read). The last-superadmin rule is the caller's (:mod:`service.rolechanges`).
         """
-        query: Document = {**_live(external_id), "name": {"$exists": True}}
+        query: Document = {**_live(external_id), "name": {"$exists": True}, "role": expected.wire}
         now = _now()
-        async with _translate():
-            before = await self.users.find_one_and_update(
+        async with translate_errors():
+            after = await self.users.find_one_and_update(
                 query,
                 {"$set": {"role": role.wire, "updatedAt": now}},
-                return_document=ReturnDocument.BEFORE,
+                return_document=ReturnDocument.AFTER,
             )
-        if before is None:
+        if after is None:
             return None
-        if before.get("role") != role.wire:
-            await self._audit(external_id, before.get("role"), role.wire, by=by, via=via)
-        return UserRecord.from_document({**before, "role": role.wire, "updatedAt": now})
+        if expected is not role:
+            await self._audit(external_id, expected.wire, role.wire, by=by, via=via)
+        return UserRecord.from_document(after)
 
-    async def active_superadmins(self, limit: int = 2) -> list[str]:
-        """External ids of active superadmins (at most ``limit``)."""
-        query = {"role": Role.SUPERADMIN.wire, "isActive": True, "deletedAt": {"$exists": False}}
-        async with _translate():
+    async def active_superadmins(self, limit: int = 2, *, excluding: str | None = None) -> list[str]:
+        """External ids of active superadmins (at most ``limit``), ``excluding`` one if given."""
+        query: Document = {"role": Role.SUPERADMIN.wire, "isActive": True, "deletedAt": {"$exists": False}}
+        if excluding is not None:
+            query["externalId"] = {"$ne": excluding}
+        async with translate_errors():
             cursor = self.users.find(query, {"externalId": 1}).limit(limit)
             return [doc["externalId"] async for doc in cursor]
 
     async def _audit(self, external_id: str, old: object, new: str, *, by: str, via: str) -> None:
         record = {"externalId": external_id, "from": old, "to": new, "by": by, "at": _now(), "via": via}
-        async with _translate():
+        async with translate_errors():
             await self.role_changes.insert_one(record)
         log.info("role changed", extra=fields(externalId=external_id, role_from=old, role_to=new, by=by, via=via))

@@ -6,7 +6,10 @@ Users have the shape of ``data`` in ``tests/fixtures/clerk/user.created.json``
 ``GET /v1/users/count``, ``GET /v1/users/{id}``, ``PATCH
 /v1/users/{id}/metadata``. On demand: 401 for a wrong key, 429 (with or
 without ``Retry-After``), 5xx windows (the next N requests, or list pages from
-an offset on), a delay, and a hang. Every request is recorded with its arrival time.
+an offset on), a delay, a hang, an answer delay per request (after the change
+is applied), and gates that hold one chosen request (before or after it is
+applied) until the test releases it. Every request is recorded with its arrival time.
+A field can hold raw JSON text that ``json.dumps`` could not write (:meth:`FakeClerk.set_raw`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import copy
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,25 @@ class Seen:
     status: int
 
 
+@dataclass
+class Gate:
+    """Holds one request of :meth:`FakeClerk.hold` until :meth:`release`; ``arrived`` is set when it waits."""
+
+    method: str
+    user_id: str
+    countdown: int  # matching requests still to let through before the one held
+    applied: bool  # hold the answer after the change is applied (else before it)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.opened.set()
+
+    async def wait(self) -> None:
+        self.arrived.set()
+        await self.opened.wait()
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     body = {"errors": [{"message": message, "long_message": message, "code": code}], "clerk_trace_id": "trace"}
     return web.json_response(body, status=status)
@@ -62,10 +84,13 @@ class FakeClerk:
         self.delay_s = 0.0  # every request waits this long first
         self.hang = False  # requests wait until release() (or the server stops)
         self.on_list: Callable[[int], Awaitable[None]] | None = None  # runs before a page at this offset is served
+        self.answer_delay: Callable[[], float] | None = None  # seconds each answer waits, the change already applied
+        self.gates: list[Gate] = []
         self._released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._template: dict[str, Any] = json.loads(FIXTURE.read_text())["data"]
         self._clock_ms = BASE_MS
+        self._raw: dict[str, str] = {}  # placeholder string -> the raw JSON text served in its place
         self.port = 0
 
     @property
@@ -137,6 +162,18 @@ class FakeClerk:
         user["updated_at"] = self.tick()
         return user
 
+    def set_raw(self, user_id: str, field: str, raw_json: str) -> None:
+        """Serve ``raw_json`` as the user's ``field`` (nesting or numbers ``json.dumps`` cannot write)."""
+        placeholder = f"\x00raw:{user_id}:{field}"
+        self._raw[json.dumps(placeholder)] = raw_json
+        self.users[user_id][field] = placeholder
+
+    def _json(self, value: Any) -> web.Response:
+        text = json.dumps(value)
+        for placeholder, raw in self._raw.items():
+            text = text.replace(placeholder, raw)
+        return web.Response(text=text, content_type="application/json")
+
     def delete_user(self, user_id: str) -> None:
         del self.users[user_id]
 
@@ -144,6 +181,26 @@ class FakeClerk:
         """Let every hanging request go on."""
         self.hang = False
         self._released.set()
+
+    def hold(self, method: str, user_id: str, *, nth: int = 1, applied: bool = False) -> Gate:
+        """Hold the ``nth`` request from now for ``user_id`` (``PATCH``: its metadata) until the gate is released.
+
+        With ``applied`` the change is made first and only the answer waits, as
+        when Clerk is slow to answer; else the request waits before anything.
+        """
+        gate = Gate(method, user_id, nth, applied)
+        self.gates.append(gate)
+        return gate
+
+    def _gate_for(self, request: web.Request) -> Gate | None:
+        user_id = request.match_info.get("user_id")
+        for gate in list(self.gates):
+            if (gate.method, gate.user_id) == (request.method, user_id):
+                gate.countdown -= 1
+                if gate.countdown == 0:
+                    self.gates.remove(gate)
+                    return gate
+        return None
 
     def requests(self, path: str, method: str = "GET") -> list[Seen]:
         return [s for s in self.seen if s.path == path and s.method == method]
@@ -163,6 +220,8 @@ class FakeClerk:
 
     async def stop(self) -> None:
         self._released.set()
+        for gate in self.gates:
+            gate.release()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -185,10 +244,21 @@ class FakeClerk:
         return response
 
     async def _answer(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        gate = self._gate_for(request)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.hang:
             await self._released.wait()
+        if gate is not None and not gate.applied:
+            await gate.wait()
+        response = await self._respond(request, handler)
+        if gate is not None and gate.applied:
+            await gate.wait()
+        if self.answer_delay is not None:
+            await asyncio.sleep(self.answer_delay())
+        return response
+
+    async def _respond(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.secret}":
             return _error(401, "authentication_invalid", "Invalid authentication")
         if self.answer_next:
@@ -219,7 +289,7 @@ class FakeClerk:
         if key not in ("created_at", "updated_at"):
             return _error(422, "form_param_value_invalid", "order_by")
         users = sorted(self.users.values(), key=lambda u: (u[key], u["id"]), reverse=order.startswith("-"))
-        return web.json_response(users[offset : offset + limit])
+        return self._json(users[offset : offset + limit])
 
     async def _count(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "total_count", "total_count": len(self.users)})
@@ -228,7 +298,7 @@ class FakeClerk:
         user = self.users.get(request.match_info["user_id"])
         if user is None:
             return _error(404, "resource_not_found", "not found")
-        return web.json_response(user)
+        return self._json(user)
 
     async def _metadata(self, request: web.Request) -> web.Response:
         user_id = request.match_info["user_id"]

@@ -23,6 +23,7 @@ from authsvc_client.v1 import authsvc_pb2_grpc
 from service.app import GrpcService, grpc_service
 from service.callerfile import RELOAD_S
 from service.clerkapi import ClerkBackend
+from service.clerkuser import profile_of
 from service.roles import Role
 from service.settings import Settings
 from service.tokens import TokenVerifier
@@ -47,10 +48,19 @@ class Harness:
     async def seed(
         self, external_id: str, role: Role = Role.STAFF, *, active: bool = True, name: str = "Test User"
     ) -> None:
-        """A synced user in MongoDB, and in the fake Clerk when there is one."""
-        await seed(self.store, external_id, role, active=active, name=name)
-        if self.fake_clerk is not None:
-            self.fake_clerk.add_user(external_id, first_name=name, last_name=None, role=role.wire, banned=not active)
+        """A synced user in MongoDB, and in the fake Clerk when there is one (mirrored from it, ``updated_at`` too)."""
+        if self.fake_clerk is None:
+            await seed(self.store, external_id, role, active=active, name=name)
+            return
+        user = self.fake_clerk.add_user(
+            external_id,
+            first_name=name,
+            last_name=None,
+            email=f"{external_id}@example.com",
+            role=role.wire,
+            banned=not active,
+        )
+        await self.store.upsert_from_clerk(profile_of(user))
 
     @property
     def verifier(self) -> TokenVerifier:

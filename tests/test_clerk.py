@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from service.clerkuser import profile_of
 from service.errors import InvalidEvent
 from service.roles import Role
 from tests.sidecar import fixture
@@ -74,12 +75,25 @@ def test_non_utf8_body_is_invalid() -> None:
         parse_event(b"\xff\xfe{}")
 
 
-def test_deeply_nested_body_is_invalid_not_a_crash() -> None:
-    with pytest.raises(InvalidEvent, match="nested"):
+def test_a_deeply_nested_body_parses_and_is_judged_by_its_shape() -> None:
+    with pytest.raises(InvalidEvent, match="must be a JSON object"):
         parse_event(b"[" * 100_000 + b"]" * 100_000)
-
-
-def test_integer_past_the_parser_limit_is_invalid_not_a_crash() -> None:
-    body = b'{"type": "user.created", "data": {"id": "user_1", "updated_at": ' + b"9" * 5000 + b"}}"
     with pytest.raises(InvalidEvent, match="not JSON"):
-        parse_event(body)
+        parse_event(b"[" * 100_000 + b"]" * 99_999)
+
+
+def test_an_integer_past_the_parser_limit_in_a_field_authsvc_reads_is_invalid() -> None:
+    body = b'{"type": "user.created", "data": {"id": "user_1", "updated_at": ' + b"9" * 5000 + b"}}"
+    with pytest.raises(InvalidEvent, match=r"data\.updated_at must be a Unix time"):
+        profile_from_event(parse_event(body))
+
+
+def test_a_role_of_any_shape_maps_to_staff_without_a_crash(caplog: pytest.LogCaptureFixture) -> None:
+    deep: list[object] = []
+    for _ in range(5000):  # deeper than repr() goes
+        deep = [deep]
+    for raw in (deep, {"a": deep}, 10**60, 1.5, True, "x" * 100_000):
+        data = fixture("user.created", public_metadata={"role": raw})["data"]
+        assert profile_of(data).role is Role.STAFF
+    logged = [r.fields["role"] for r in caplog.records if "unknown role" in r.getMessage()]  # type: ignore[attr-defined]
+    assert len(logged) == 6 and all(isinstance(role, str) and len(role) <= 80 for role in logged), logged

@@ -87,8 +87,9 @@ async def test_a_connection_refused_is_unavailable_and_counted(client: ClerkBack
 async def test_set_role_merges_public_metadata(fake_clerk: FakeClerk, client: ClerkBackend) -> None:
     fake_clerk.add_user("user_1", role="staff")
     fake_clerk.users["user_1"]["public_metadata"]["team"] = "blue"
-    await client.set_role("user_1", Role.SUPERADMIN)
+    answer = await client.set_role("user_1", Role.SUPERADMIN)
     assert fake_clerk.users["user_1"]["public_metadata"] == {"role": "superadmin", "team": "blue"}
+    assert answer == fake_clerk.users["user_1"]  # the user as Clerk now holds it, its new updated_at included
     assert fake_clerk.metadata_patches == [("user_1", {"public_metadata": {"role": "superadmin"}}, f"Bearer {SECRET}")]
 
 

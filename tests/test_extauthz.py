@@ -128,6 +128,41 @@ async def test_client_sent_identity_headers_are_overwritten_or_removed(envoy: En
     assert sorted(reply.ok_response.headers_to_remove) == ["x-authsvc-role", "x-authsvc-tenant"]
 
 
+async def test_underscore_and_mixed_spellings_of_identity_headers_are_removed(envoy: Envoy) -> None:
+    """CGI-style backends read ``x_authsvc_role`` as ``x-authsvc-role``: every spelling is removed."""
+    await seed(envoy.h.store, "user_staff")
+    forged = {
+        "authorization": f"Bearer {envoy.h.token('user_staff', session_id='sess_s')}",
+        "x_authsvc_role": "superadmin",
+        "x_authsvc_user_id": "user_root",
+        "x-authsvc_session-id": "sess_root",
+        "X_AUTHSVC_TENANT": "acme",
+        "x-authsvcx": "kept: not the prefix",
+        "x_authsvc": "kept: not the prefix",
+    }
+    reply = await envoy.check(forged)
+    assert ok_headers(reply) == {
+        "x-authsvc-user-id": "user_staff",
+        "x-authsvc-role": "staff",
+        "x-authsvc-session-id": "sess_s",
+    }
+    assert sorted(reply.ok_response.headers_to_remove) == sorted(
+        ["x_authsvc_role", "x_authsvc_user_id", "x-authsvc_session-id", "x_authsvc_tenant"]
+    )
+
+
+async def test_cookies_that_simplecookie_rejects_never_hide_the_session(envoy: Envoy) -> None:
+    await seed(envoy.h.store, "user_staff")
+    token = envoy.h.token("user_staff")
+    cookie = f'ajs_user_traits={{"plan":"pro"}}; cart=two words; pref=caf\u00e9; p=C:\\x; ; __session={token}'
+    assert ok_headers(await envoy.check({"cookie": cookie}))["x-authsvc-user-id"] == "user_staff"
+    # Repeated cookie headers (HTTP/2 sends one per cookie) are one cookie list, joined with "; ".
+    request = check_request()
+    for value in ("theme=dark", f"__session={token}", "ajs_anonymous_id=1"):
+        request.attributes.request.http.header_map.headers.append(base_pb2.HeaderValue(key="cookie", value=value))
+    assert ok_headers(await envoy.stub.Check(request, timeout=10))["x-authsvc-user-id"] == "user_staff"
+
+
 @pytest.mark.parametrize(
     ("has", "needs", "allowed"),
     [

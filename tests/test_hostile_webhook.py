@@ -209,3 +209,76 @@ async def test_client_disconnecting_mid_body_is_info_without_traceback(
     await assert_untouched(store)
     # and the sidecar still serves
     assert (await sender.post(fixture("user.created")))[0] == 200
+
+
+# --- issue 13, defect 8: whatever nests in fields authsvc never reads, a signed event applies --------
+def with_raw(event: dict[str, Any], field: str, raw: str) -> str:
+    """``event`` as JSON with ``data[field]`` written as ``raw`` (nesting ``json.dumps`` cannot write)."""
+    event["data"][field] = "RAW-FIELD"
+    return json.dumps(event).replace('"RAW-FIELD"', raw)
+
+
+DEEP_ARRAYS = "[" * 4000 + "]" * 4000  # 8 KB: Clerk's metadata limit, as deep as it goes
+DEEP_OBJECTS = '{"a":' * 1600 + "{}" + "}" * 1600
+HUGE_INTEGER = "9" * 5000  # past Python's 4300-digit int limit
+
+
+async def test_a_ban_and_demotion_apply_whatever_unsafe_metadata_holds(sender: Sender, store: UserStore) -> None:
+    assert (await sender.post(fixture("user.created")))[0] == 200
+    updated = fixture("user.updated", banned=True, public_metadata={"role": "staff"})
+    for step, raw in enumerate((DEEP_ARRAYS, DEEP_OBJECTS, '{"n": ' + HUGE_INTEGER + "}", "-" + HUGE_INTEGER)):
+        updated["data"]["updated_at"] += 1000
+        updated["data"]["first_name"] = f"Ada{step}"
+        status, payload = await sender.post(with_raw(updated, "unsafe_metadata", raw))
+        assert (status, payload) == (200, {"status": "applied"}), step
+        doc = await store.users.find_one({"externalId": UID})
+        assert doc is not None
+        assert (doc["name"], doc["role"], doc["isActive"]) == (f"Ada{step} Lovelace", "staff", False)
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [
+        ("first_name", DEEP_ARRAYS),
+        ("updated_at", HUGE_INTEGER),
+        ("public_metadata", DEEP_ARRAYS),
+        ("email_addresses", DEEP_ARRAYS),
+        ("banned", "1e999"),
+    ],
+)
+async def test_a_deep_or_huge_value_in_a_field_authsvc_reads_is_400(
+    sender: Sender, store: UserStore, field: str, raw: str
+) -> None:
+    status, payload = await sender.post(with_raw(fixture("user.created"), field, raw))
+    assert status == 400 and payload["error"], payload
+    await assert_untouched(store)
+
+
+@pytest.mark.parametrize("raw", ["[" * 900 + "]" * 900, DEEP_ARRAYS, HUGE_INTEGER, '{"x": ' + DEEP_OBJECTS + "}"])
+async def test_a_role_that_is_not_a_role_name_is_staff_however_deep(sender: Sender, store: UserStore, raw: str) -> None:
+    """``public_metadata.role`` that names no role is staff (the contract's rule), whatever it holds."""
+    status, payload = await sender.post(with_raw(fixture("user.created"), "public_metadata", '{"role": ' + raw + "}"))
+    assert (status, payload) == (200, {"status": "applied"})
+    doc = await store.users.find_one({"externalId": UID})
+    assert doc is not None and doc["role"] == "staff"
+
+
+# --- issue 13, defect 12: an ignored type's id is validated where it enters, never a 500 ------------
+@pytest.mark.parametrize(
+    ("event_type", "key", "value"),
+    [
+        ("email.created", "id", "\\ud800"),
+        ("session.pending", "user_id", "user_\\udfff"),
+        ("organization.created", "id", "org_" + "x" * 300),
+        ("sms.created", "id", ""),
+    ],
+)
+async def test_an_ignored_event_with_a_bad_id_is_ignored_not_a_500(
+    sender: Sender, store: UserStore, caplog: pytest.LogCaptureFixture, event_type: str, key: str, value: str
+) -> None:
+    body = json.dumps({"type": event_type, "object": "event", "data": {key: "VALUE"}, "timestamp": 1764063500400})
+    status, payload = await sender.post(body.replace("VALUE", value), msg_id="msg_ignored_bad_id")
+    assert (status, payload) == (200, {"status": "ignored"})
+    entry = await store.events.find_one({"_id": "msg_ignored_bad_id"})
+    assert entry is not None and entry["externalId"] is None and entry["outcome"] == "ignored"
+    assert_no_error_logged(caplog)

@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -160,3 +160,33 @@ async def test_authsvc_down_is_unavailable(shop: Shop) -> None:
     await shop.h.service.server.server.stop(None)
     code, _ = await shop.denied(WHOAMI, token)
     assert code == "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class CallDetails:
+    """What grpc.aio hands an interceptor about a call (``grpc.HandlerCallDetails``)."""
+
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...] = ()
+
+
+@pytest.mark.parametrize(
+    ("entry", "method", "public"),
+    [
+        ("/grpc.health.v1.Health", "/grpc.health.v1.Health/Check", True),
+        ("/grpc.health.v1.Health/", "/grpc.health.v1.Health/Watch", True),
+        ("/grpc.health.v1.Health", "/grpc.health.v1.HealthAdmin/Drop", False),
+        ("/shop.v1.Shop/List", "/shop.v1.Shop/ListAll", False),
+        ("/shop.v1.Shop/List", "/shop.v1.Shop/List", True),
+    ],
+)
+async def test_public_entries_match_whole_segments_of_the_method(entry: str, method: str, public: bool) -> None:
+    handler: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+
+    async def continuation(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+        return handler
+
+    details = cast(grpc.HandlerCallDetails, CallDetails(method))
+    async with AuthsvcClient("127.0.0.1:9") as authsvc:
+        interceptor = AuthInterceptor(authsvc, public=(entry,))
+        assert (await interceptor.intercept_service(continuation, details) is handler) is public

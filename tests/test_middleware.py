@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from authsvc_client import AuthsvcClient, Identity, Role, current_identity
 from authsvc_client.aiohttp import IDENTITY, authsvc_middleware, public, requires
 from authsvc_client.asgi import AuthsvcASGI
+from authsvc_client.paths import is_public, resolve, under
 from service.settings import Settings
 from service.users import UserStore
 from tests.grpc_helpers import Harness, seed, serve
@@ -72,6 +78,17 @@ async def test_header_or_cookie_reaches_the_handler_as_the_identity(app: App) ->
     assert await app.get("/me", {"Authorization": f"Bearer {token}"}) == (200, {"sub": "user_admin", "role": "admin"})
     assert await app.get("/me", {"Cookie": f"__session={token}"}) == (200, {"sub": "user_admin", "role": "admin"})
     assert await app.get("/admin", {"Authorization": f"Bearer {token}"}) == (200, {"admin": "user_admin"})
+
+
+async def test_cookies_that_simplecookie_rejects_never_hide_the_session(app: App) -> None:
+    await seed(app.h.store, "user_staff")
+    token = app.h.token("user_staff")
+    cookie = f'ajs_user_traits={{"plan":"pro"}}; cart=two words; p=C:\\x; ; __session={token}'
+    assert await app.get("/me", {"Cookie": cookie}) == (200, {"sub": "user_staff", "role": "staff"})
+    # Several Cookie header lines are one cookie list.
+    headers = CIMultiDict([("Cookie", "theme=dark"), ("Cookie", f"__session={token}")])
+    async with app.http.get(app.url + "/me", headers=headers) as response:
+        assert (response.status, await response.json()) == (200, {"sub": "user_staff", "role": "staff"})
 
 
 async def test_denials_are_401_or_403_with_the_reason(app: App) -> None:
@@ -142,3 +159,60 @@ async def test_asgi_middleware(settings: Settings, store: UserStore, issuer: Loc
         )
         status, body = await asgi_call(app, "/me", {})
         assert (status, body["reason"]) == (401, "TOKEN_MISSING")
+        cookie = f'ajs_user_traits={{"plan":"pro"}}; cart=two words; __session={token}'
+        assert (await asgi_call(app, "/me", {"cookie": cookie}))[0] == 200
+        # A min_roles prefix reached through dot segments still needs its role.
+        for path in ("/me/../admin/x", "/me/%2e%2e/admin/x", "/./admin/x"):
+            status, body = await asgi_call(app, path, {"authorization": f"Bearer {token}"})
+            assert (status, body["reason"]) == (403, "ROLE_TOO_LOW"), path
+
+
+async def reached(app: AuthsvcASGI, path: str) -> bool:
+    """Whether a request for ``path`` without any token reaches the inner app."""
+    status, body = await asgi_call(app, path, {})
+    if status == 200:
+        return True
+    assert (status, body["reason"]) == (401, "TOKEN_MISSING"), path
+    return False
+
+
+@pytest.mark.parametrize(
+    ("path", "public"),
+    [
+        ("/health", True),
+        ("/health/", True),
+        ("/health/live", True),
+        ("/health/./live", True),
+        ("/healthcheck-admin/export", False),
+        ("/healthz", False),
+        ("/health/../admin/users", False),
+        ("/health/%2e%2e/admin/users", False),
+        ("/health/%2E%2E%2Fadmin", False),
+        ("/health/..%2fadmin", False),
+        ("/health//../admin", False),
+        ("/health/..", False),
+        ("/admin/../health", False),  # a router that does not resolve ".." routes it under /admin
+        ("//health", False),
+        ("/", False),
+        ("/admin", False),
+    ],
+)
+async def test_asgi_public_entries_match_whole_segments_of_the_resolved_path(path: str, public: bool) -> None:
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    # No authsvc behind it: a request that is not public is refused (TOKEN_MISSING) before any call.
+    async with AuthsvcClient("127.0.0.1:9") as authsvc:
+        app = AuthsvcASGI(inner, authsvc, default=Role.STAFF, public=("/health",))
+        assert await reached(app, path) is public
+        trailing = AuthsvcASGI(inner, authsvc, default=Role.STAFF, public=("/health/",))
+        assert await reached(trailing, path) is public
+
+
+@given(st.text(st.sampled_from(list("/.%2eEfF5cChealthadmin")), max_size=30))
+def test_a_public_path_is_under_the_entry_however_a_router_resolves_it(path: str) -> None:
+    if not is_public(path, ("/health",)):
+        return
+    for reading in (path, posixpath.normpath(path), posixpath.normpath(unquote(path)), resolve(unquote(path))):
+        assert under(reading.replace("//", "/"), "/health"), (path, reading)

@@ -283,3 +283,24 @@ async def test_sync_help_lists_its_options_and_settings(tmp_path: Path) -> None:
     code, out, _ = await run(AUTHSVC, "sync", "--help", env=child_env(), cwd=tmp_path)
     assert code == 0
     assert "--dry-run" in out and "--prune" in out and "CLERK_SECRET_KEY" in out and "AUTHSVC_DELETE_MODE" in out
+
+
+async def test_one_weird_user_never_fails_a_page(
+    fake_clerk: FakeClerk, client: ClerkBackend, settings: Settings, store: UserStore
+) -> None:
+    """Issue 13, defect 8: deep or huge values in fields authsvc never reads sync; in a read field, ``invalid``."""
+    users = fake_clerk.add_users(6)
+    fake_clerk.set_raw(users[1]["id"], "unsafe_metadata", "[" * 4000 + "]" * 4000)
+    fake_clerk.set_raw(users[2]["id"], "unsafe_metadata", '{"a":' * 1600 + "{}" + "}" * 1600)
+    fake_clerk.set_raw(users[3]["id"], "private_metadata", '{"n": ' + "9" * 5000 + "}")
+    fake_clerk.set_raw(users[4]["id"], "first_name", "[" * 3000 + "]" * 3000)  # a field authsvc reads
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_sync(sync_settings(settings, fake_clerk), out=out, err=err, clerk=client)
+    assert (code, err.getvalue()) == (0, "")
+    assert out.getvalue().splitlines()[-1] == (
+        "listed 5, created 5, updated 0, unchanged 0, stale 0, pruned 0, invalid 1"
+    )
+    stored = {doc["externalId"] async for doc in store.users.find({})}
+    assert stored == {u["id"] for u in users} - {users[4]["id"]}
+    # Just-in-time and periodic repair read users through the same client.
+    assert (await client.get_user(users[1]["id"]))["id"] == users[1]["id"]

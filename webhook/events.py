@@ -6,11 +6,11 @@ by :mod:`service.clerkuser`, which sync and just-in-time fetches share.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from service import clerkjson
 from service.clerkuser import clerk_id, from_millis, profile_of, text
 from service.errors import InvalidEvent
 from service.users import UserProfile
@@ -26,19 +26,24 @@ class ClerkEvent:
 
     @property
     def subject_id(self) -> str | None:
-        """The Clerk user id this event is about, when it is about one (not validated)."""
+        """The id this event is about, for the ledger of a type authsvc ignores: None unless a valid Clerk id.
+
+        An ignored event is answered ``ignored`` whatever it holds; an id that
+        the database could not store (a lone surrogate, oversized) is dropped
+        here, where it enters, never carried to the ledger insert.
+        """
         key = "user_id" if self.type.startswith("session.") else "id"
-        value = self.data.get(key)
-        return value if isinstance(value, str) else None
+        try:
+            return clerk_id(self.data.get(key), f"data.{key}")
+        except InvalidEvent:
+            return None
 
 
 def parse_event(body: bytes) -> ClerkEvent:
     """Parse a verified webhook body into a :class:`ClerkEvent` (raises :class:`InvalidEvent`)."""
     try:
-        payload = json.loads(body)
-    except RecursionError as exc:  # valid JSON nested deeper than the parser goes
-        raise InvalidEvent("body is nested too deeply") from exc
-    except ValueError as exc:  # not UTF-8, not JSON, or an integer past Python's 4300-digit limit
+        payload = clerkjson.loads(body)
+    except ValueError as exc:  # not UTF-8, not JSON
         raise InvalidEvent("body is not JSON") from exc
     if not isinstance(payload, dict):
         raise InvalidEvent("body must be a JSON object")

@@ -21,6 +21,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from service.embedded import private_directory
+
 KEY_FILE = "issuer-key.pem"
 JWKS_PATH = "/.well-known/jwks.json"
 
@@ -51,7 +53,7 @@ class DevIssuer:
     @classmethod
     def load_or_create(cls, directory: Path) -> DevIssuer:
         """The issuer whose key is ``directory/issuer-key.pem``, created (mode 0600) on first use."""
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_directory(directory)
         path = directory / KEY_FILE
         if not path.exists():
             issuer = cls.generate()

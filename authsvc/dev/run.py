@@ -19,6 +19,7 @@ from pathlib import Path
 
 from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service.app import grpc_service
+from service.embedded import private_directory
 from service.settings import Settings
 from service.startup import StartupError, split_addr, until_signalled, user_store
 from service.tracing import traced
@@ -32,7 +33,7 @@ def dev_dir(settings: Settings) -> Path:
 
 
 def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)

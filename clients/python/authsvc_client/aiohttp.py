@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
+from authsvc_client.bearer import join_cookie_headers
 from authsvc_client.client import AuthsvcClient
 from authsvc_client.errors import AuthsvcError
 from authsvc_client.httpauth import error_body, status_of, verify_request
@@ -60,7 +61,10 @@ def authsvc_middleware(client: AuthsvcClient, *, default: Role | None = None) ->
         min_role = getattr(route_handler, _MIN_ROLE, default)
         try:
             identity = await verify_request(
-                client, request.headers.get(hdrs.AUTHORIZATION), request.headers.get(hdrs.COOKIE), min_role
+                client,
+                request.headers.get(hdrs.AUTHORIZATION),
+                join_cookie_headers(request.headers.getall(hdrs.COOKIE, ())),
+                min_role,
             )
         except AuthsvcError as error:
             return web.json_response(error_body(error), status=status_of(error))

@@ -24,6 +24,7 @@ from authsvc_client.client import AuthsvcClient
 from authsvc_client.errors import AuthsvcError, DeadlineExceeded, Unauthenticated
 from authsvc_client.identity import caller
 from authsvc_client.models import Identity
+from authsvc_client.paths import is_public
 from authsvc_client.roles import Role
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -50,7 +51,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, unused-
 
     ``min_roles`` maps full method names (``/package.Service/Method``) to a
     minimum role (None: any valid token); methods not in it use ``default``.
-    Methods starting with an entry of ``public`` are not checked at all.
+    Methods under an entry of ``public`` (whole segments: ``/grpc.health.v1.Health``
+    covers its methods, never ``/grpc.health.v1.HealthAdmin/…``) are not checked at all.
     """
 
     def __init__(
@@ -92,7 +94,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, unused-
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.startswith(self._public):
+        if handler is None or is_public(method, self._public):
             return handler
         return _wrap(handler, lambda context: self.verify(method, context))
 
