@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CODE := authsvc service webhook tests bench clients/python/authsvc_client
 
-.PHONY: install run test fuzz check lint proto bench bench-tools bench-memory clean
+.PHONY: install run test fuzz check lint proto bench bench-tools bench-memory bench-availability clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ bench-tools: install
 
 bench: bench-tools
 	$(BIN)/python -m bench
+
+# Failed calls through a simulated election, a frozen database and a two-replica rollout (about 2 minutes).
+bench-availability: install
+	$(BIN)/python -m bench.availability
 
 # RSS of one gRPC worker over 1,000,000 VerifyToken calls (several minutes).
 bench-memory: install

@@ -18,12 +18,6 @@ from pathlib import Path
 from bench import profiles
 from bench.common import Figure
 
-TARGETS = {
-    ("webhook: sidecar", "webhook: raw upsert"): 0.7,
-}
-RATIO_NAMES = {
-    ("webhook: sidecar", "webhook: raw upsert"): "sidecar / raw upsert",
-}
 BENCHMARKS = ("webhook", "verify", "tracing", "core", "callers", "memory", "sync")
 DEFAULT = ("webhook", "verify", "tracing", "core", "callers", "sync")  # memory takes minutes: `make bench-memory`
 
@@ -34,7 +28,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "which", nargs="*", metavar="{webhook,verify,tracing,core,callers,memory,sync}", help="default: all but memory"
     )
     parser.add_argument("--duration", type=float, default=None, help="seconds per phase (default 8 / 6)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the verify and tracing servers")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="interleaved rounds of the verify and tracing servers (>= 5)"
+    )
+    parser.add_argument("--pairs", type=int, default=4, help="interleaved pairs of each webhook and sync comparison")
     parser.add_argument("--calls", type=int, default=1_000_000, help="VerifyToken calls (memory)")
     parser.add_argument("--distinct", type=int, default=100_000, help="distinct tokens among them (memory)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each window")
@@ -87,18 +84,6 @@ def table(figures: list[Figure]) -> str:
     return "\n".join(lines)
 
 
-def ratios(figures: list[Figure]) -> list[str]:
-    by_name = {f.name: f for f in figures}
-    lines = []
-    for (top, bottom), label in RATIO_NAMES.items():
-        if top in by_name and bottom in by_name and by_name[bottom].rps:
-            value = by_name[top].rps / by_name[bottom].rps
-            target = TARGETS.get((top, bottom))
-            verdict = "" if target is None else f"  (target >= {target}: {'met' if value >= target else 'MISSED'})"
-            lines.append(f"  {label:<28} {value:.2f}{verdict}")
-    return lines
-
-
 async def main(args: argparse.Namespace) -> list[str]:
     which = args.which or list(DEFAULT)
     figures: list[Figure] = []
@@ -109,39 +94,45 @@ async def main(args: argparse.Namespace) -> list[str]:
     if "webhook" in which:
         from bench import webhook
 
-        found, more = await webhook.run(
+        found, lines, more = await webhook.run(
             duration_s=args.duration or 8.0,
             warmup_s=args.warmup,
             concurrency=args.concurrency,
             users=args.users,
             deliveries=args.deliveries,
+            pairs=args.pairs,
             profile=args.profile,
         )
         figures += found
+        extra_ratios += lines
         notes += more
         setup.append(
             f"webhook: {args.users} seeded users, {args.concurrency} concurrent senders in 1 process, "
-            f"{args.duration or 8.0:g} s windows after {args.warmup:g} s warm-up"
+            f"{args.duration or 8.0:g} s windows after {args.warmup:g} s warm-up, "
+            f"{args.pairs} interleaved pairs (sidecar, raw, raw, sidecar, ...), the median window shown"
         )
     if "verify" in which:
         from bench import verify
 
-        found, more = await verify.run(
+        found, lines, more = await verify.run(
             duration_s=args.duration or 6.0, warmup_s=args.warmup, rounds=args.rounds, profile=args.profile
         )
         figures += found
         notes += more
-        extra_ratios += verify.ratio_lines(found)
-        setup.append(f"verify: h2load, one repeated token, {args.rounds} interleaved rounds per server")
+        extra_ratios += lines
+        setup.append(
+            f"verify: h2load, one repeated token, {args.rounds} rounds, the servers' order reversed every other "
+            "round, the median round shown"
+        )
     if "tracing" in which:
         from bench import tracing
 
-        found, more = await tracing.run(
+        found, lines, more = await tracing.run(
             duration_s=args.duration or 6.0, warmup_s=args.warmup, rounds=args.rounds, profile=args.profile
         )
         figures += found
         notes += more
-        extra_ratios += tracing.ratio_lines(found)
+        extra_ratios += lines
         sections += ["", *await tracing.interceptor_cost()]
         setup.append(f"tracing: as verify, 1 worker each, off and on (see bench/tracing.py); {args.rounds} rounds")
     if "core" in which:
@@ -158,12 +149,12 @@ async def main(args: argparse.Namespace) -> list[str]:
         sections += ["", *await memory.run(calls=args.calls, distinct=args.distinct)]
     lines = [*setup]
     if figures:
-        lines += ["", table(figures), "", "ratios (same run):", *ratios(figures), *extra_ratios]
+        lines += ["", table(figures), "", "ratios (median of the interleaved pairs, min-max, n):", *extra_ratios]
     lines += sections
     if "sync" in which:
         from bench import sync
 
-        lines += ["", *await sync.run(users=args.sync_users)]
+        lines += ["", *await sync.run(users=args.sync_users, pairs=args.pairs)]
     notes += [f"{f.name}: {f.note}" for f in figures if f.note]
     if args.profile is not None:
         if profiles.py_spy() is None:

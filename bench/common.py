@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -304,3 +305,52 @@ async def sleep_until(deadline: float) -> None:
 def wait_go(go: Any) -> Window:
     window: Window = go.get(True, READY_TIMEOUT_S)
     return window
+
+
+# --- interleaving ---------------------------------------------------------------------------------
+def abba(pairs: int) -> list[int]:
+    """Which of two phases (0 = A, 1 = B) runs next, ``pairs`` pairs in the order A B B A A B B A ...
+
+    A drift of the machine or of the database over the run (other load, a
+    database that slows as writes accumulate) then weighs on both phases alike.
+    """
+    return [side for i in range(pairs) for side in ((0, 1) if i % 2 == 0 else (1, 0))]
+
+
+@dataclass
+class Spread:
+    """Values of one quantity over interleaved runs, in the order they ran."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else 0.0
+
+    def text(self, fmt: str = ",.0f") -> str:
+        """``median (min-max, n)``."""
+        if not self.values:
+            return "n/a"
+        low, high = min(self.values), max(self.values)
+        return f"{self.median:{fmt}} ({low:{fmt}}-{high:{fmt}}, n={len(self.values)})"
+
+
+def median_figure(name: str, runs: list[Figure]) -> Figure:
+    """The run of median throughput, with the spread of all runs in its note."""
+    ordered = sorted(runs, key=lambda f: f.rps)
+    chosen = ordered[len(ordered) // 2]
+    chosen.note = "runs in order: " + ", ".join(f"{f.rps:,.0f}" for f in runs) + " rps"
+    return chosen
+
+
+def pair_ratios(tops: list[float], bottoms: list[float]) -> Spread:
+    """The ratio of each interleaved pair (the i-th run of A over the i-th run of B)."""
+    return Spread([t / b for t, b in zip(tops, bottoms, strict=True) if b])
+
+
+def ratio_line(label: str, ratios: Spread, target: float | None = None, width: int = 28) -> str:
+    """One ratio: the median of its pairs, their spread, and the target if it has one."""
+    verdict = ""
+    if target is not None:
+        verdict = f"  (target >= {target:g}: {'met' if ratios.median >= target else 'MISSED'})"
+    return f"  {label:<{width}} {ratios.text('.2f')}{verdict}"

@@ -45,8 +45,8 @@ from authsvc.dev.issuer import DevIssuer, jwks_routes
 from authsvc.dev.otlp import OtlpReceiver
 from authsvc.dev.procs import ServerProcess, child_env, printed
 from authsvc_client.v1 import authsvc_pb2
-from bench.common import Figure, private_mongo, workdir
-from bench.verify import AZP, DB, SUBJECT, Server, drive, grpc_frame, handled, median_figure, seed, wait_serving
+from bench.common import Figure, Spread, median_figure, pair_ratios, private_mongo, ratio_line, workdir
+from bench.verify import AZP, DB, SUBJECT, Server, drive, grpc_frame, handled, seed, wait_serving
 from service.embedded import free_port
 
 BASELINE, OFF, ON, SAMPLED = (
@@ -73,8 +73,8 @@ def servers_env(receiver: OtlpReceiver) -> dict[str, tuple[list[str], dict[str, 
 
 async def run(
     *, duration_s: float, warmup_s: float, rounds: int, profile: Path | None = None
-) -> tuple[list[Figure], list[str]]:
-    """Start the four servers, run the interleaved rounds, return the median figures and notes."""
+) -> tuple[list[Figure], list[str], list[str]]:
+    """Start the four servers, run the interleaved rounds; the median figures, the ratio lines, notes."""
     notes: list[str] = []
     with workdir("authsvc-bench-tracing-") as tmp:
         issuer = DevIssuer.load_or_create(tmp / "issuer")
@@ -107,8 +107,9 @@ async def run(
                     await wait_serving(server)
                 by_name = {s.name: s for s in servers}
                 runs: dict[str, list[Figure]] = {name: [] for name in SERVERS}
-                for _ in range(rounds):
-                    for name in runs:
+                for round_ in range(rounds):
+                    # A B C D, then D C B A: each pair of servers runs A-B-B-A across two rounds.
+                    for name in SERVERS if round_ % 2 == 0 else SERVERS[::-1]:
                         runs[name].append(await drive(name, by_name[name], body, duration_s, warmup_s, tmp, profile))
                         by_name[name].process.check_alive()
                 figures = [median_figure(name, found) for name, found in runs.items()]
@@ -132,23 +133,23 @@ async def run(
                 server.process.stop()
             await receiver.close()
             await jwks.cleanup()
-    return figures, notes
+    return figures, ratio_lines(runs), notes
 
 
-def ratio_lines(figures: list[Figure]) -> list[str]:
-    """Throughput against the baseline's, and the server's CPU per call against the baseline's (machine noise aside)."""
-    by = {f.name: f for f in figures}
-    if not all(name in by and by[name].rps for name in SERVERS):
+def ratio_lines(runs: dict[str, list[Figure]]) -> list[str]:
+    """Per round, throughput against the baseline's and the server's CPU per call against the baseline's."""
+    if not all(runs.get(name) for name in SERVERS):
         return []
 
-    def cpu_us(name: str) -> float:
-        return by[name].cpu.get("server", 0.0) / by[name].rps * 1e6
+    def cpu_us(figure: Figure) -> float:
+        return figure.cpu.get("server", 0.0) / figure.rps * 1e6 if figure.rps else 0.0
 
     lines = []
     for name, label in ((OFF, "off"), (ON, "on, 100%"), (SAMPLED, "on, 1%")):
-        ratio = by[name].rps / by[BASELINE].rps
-        extra = cpu_us(name) - cpu_us(BASELINE)
-        lines.append(f"  {'tracing ' + label + ' / no extra':<28} {ratio:.2f}  (server CPU {extra:+.0f} us per call)")
+        ratios = pair_ratios([f.rps for f in runs[name]], [f.rps for f in runs[BASELINE]])
+        extra = Spread([cpu_us(f) - cpu_us(b) for f, b in zip(runs[name], runs[BASELINE], strict=True)])
+        cpu = f"  (server CPU {extra.text('+.0f')} us a call)"
+        lines.append(ratio_line(f"tracing {label} / no extra", ratios) + cpu)
     return lines
 
 

@@ -41,7 +41,17 @@ from authsvc.dev.issuer import DevIssuer, jwks_routes
 from authsvc.dev.procs import ServerProcess, child_env, health_check
 from authsvc_client.v1 import authsvc_pb2
 from bench import profiles
-from bench.common import Figure, Window, private_mongo, sample_groups, workdir
+from bench.common import (
+    Figure,
+    Spread,
+    Window,
+    median_figure,
+    pair_ratios,
+    private_mongo,
+    ratio_line,
+    sample_groups,
+    workdir,
+)
 from service.database import durable_write_concern, make_client
 from service.embedded import free_port
 
@@ -170,17 +180,9 @@ async def handled(metrics_port: int) -> dict[str, float]:
     return codes
 
 
-def median_figure(name: str, runs: list[Figure]) -> Figure:
-    """The run of median throughput, with the spread of all runs in its note."""
-    ordered = sorted(runs, key=lambda f: f.rps)
-    chosen = ordered[len(ordered) // 2]
-    chosen.note = "rounds: " + ", ".join(f"{f.rps:,.0f}" for f in runs) + " rps"
-    return chosen
-
-
 async def run(
     *, duration_s: float, warmup_s: float, rounds: int, profile: Path | None = None
-) -> tuple[list[Figure], list[str]]:
+) -> tuple[list[Figure], list[str], list[str]]:
     """Start the four servers, run the interleaved rounds, return the median figures and notes."""
     notes: list[str] = []
     with workdir("authsvc-bench-verify-") as tmp:
@@ -234,8 +236,10 @@ async def run(
                     await wait_serving_bare(server, request, reply)
                 by_name = {s.name: s for s in servers}
                 runs: dict[str, list[Figure]] = {name: [] for name in (BARE, TWO, ONE, BARE_I)}
-                for _ in range(rounds):
-                    for name in runs:
+                order = list(runs)
+                for round_ in range(rounds):
+                    # A B C D, then D C B A: each pair of servers runs A-B-B-A across two rounds.
+                    for name in order if round_ % 2 == 0 else order[::-1]:
                         runs[name].append(await drive(name, by_name[name], body, duration_s, warmup_s, tmp, profile))
                         by_name[name].process.check_alive()
                 figures = [median_figure(name, found) for name, found in runs.items()]
@@ -253,9 +257,9 @@ async def run(
             await jwks.cleanup()
     notes.append(
         f"verify: h2load -c {CONNECTIONS} -m {STREAMS} -t 1, {duration_s:g} s after {warmup_s:g} s warm-up, "
-        f"{rounds} interleaved rounds, median shown; the p50 column is h2load's mean"
+        f"{rounds} rounds (order reversed every other round), the median round shown; the p50 column is h2load's mean"
     )
-    return figures, notes
+    return figures, ratio_lines({name: [f.rps for f in found] for name, found in runs.items()}), notes
 
 
 async def wait_serving_bare(server: Server, request: bytes, reply: bytes, timeout_s: float = 30.0) -> None:
@@ -270,14 +274,15 @@ async def wait_serving_bare(server: Server, request: bytes, reply: bytes, timeou
     raise RuntimeError(f"{server.name} did not serve within {timeout_s:.0f}s:\n{server.process.tail()}")
 
 
-def ratio_lines(figures: list[Figure]) -> list[str]:
-    by = {f.name: f.rps for f in figures}
-    if not all(by.get(name) for name in (BARE, BARE_I, ONE, TWO)):
+def ratio_lines(rps: dict[str, list[float]]) -> list[str]:
+    """Each ratio over the rounds (one pair per round, in the order they ran): median and spread."""
+    if not all(rps.get(name) for name in (BARE, BARE_I, ONE, TWO)):
         return []
-    per_call_us = (1 / by[BARE_I] - 1 / by[BARE]) * 1e6
+    bare_i = pair_ratios(rps[BARE_I], rps[BARE])
+    per_call_us = Spread([(1 / i - 1 / b) * 1e6 for i, b in zip(rps[BARE_I], rps[BARE], strict=True)])
     return [
-        f"  2 workers / bare grpc.aio    {by[TWO] / by[BARE]:.2f}  (target >= 0.9)",
-        f"  2 workers / 1 worker         {by[TWO] / by[ONE]:.2f}  (target >= 1.6)",
-        f"  1 worker / bare grpc.aio     {by[ONE] / by[BARE]:.2f}",
-        f"  bare + interceptor / bare    {by[BARE_I] / by[BARE]:.2f}  ({per_call_us:.1f} us more per call, one core)",
+        ratio_line("2 workers / bare grpc.aio", pair_ratios(rps[TWO], rps[BARE]), 0.9),
+        ratio_line("2 workers / 1 worker", pair_ratios(rps[TWO], rps[ONE])),
+        ratio_line("1 worker / bare grpc.aio", pair_ratios(rps[ONE], rps[BARE])),
+        ratio_line("bare + interceptor / bare", bare_i) + f"  ({per_call_us.text('.1f')} us more per call)",
     ]

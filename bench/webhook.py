@@ -1,14 +1,20 @@
 """Webhook benchmark: signed ``user.updated`` deliveries per second through the sidecar, against raw upserts.
 
 A private embedded database; the sidecar as production runs it (``python -m
-webhook``, its own process); seeded users. Two phases, each from a separate
-load process at the same concurrency:
+webhook``, its own process, logging at the default level: one JSON line per
+delivery, to a file); seeded users. Two phases, each window from a separate
+load process at the same concurrency, interleaved (sidecar, raw, raw,
+sidecar, ...) so that a database that slows as writes accumulate, or other
+load on the machine, weighs on both alike:
 
 - ``sidecar``: pre-signed deliveries (distinct svix-id, increasing
   ``updated_at``), HTTP POST, end to end.
 - ``raw upsert``: a plain upsert of the same fields by ``externalId``, with
   the same durable write concern, straight through ``AsyncMongoClient``: what
   the database itself sustains.
+
+Every window's events are later than any before it, so every write applies.
+The ratio is the median over the interleaved pairs, with its spread.
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ from authsvc.dev.procs import ServerProcess, child_env, free_port, http_ok
 from bench.common import (
     Figure,
     Recorder,
+    abba,
+    median_figure,
+    pair_ratios,
     private_mongo,
+    ratio_line,
     run_phase,
     sleep_until,
     wait_go,
@@ -42,6 +52,8 @@ SECRET = "whsec_" + base64.b64encode(b"authsvc-bench-webhook-secret-32b").decode
 DB = "bench"
 PATH = "/clerk-users-webhook"
 ROLES = ("staff", "admin", "staff", "staff")
+STRIDE_MS = 1_000_000  # event time between the starts of two windows: more than any window sends
+SIDECAR, RAW = "webhook: sidecar", "webhook: raw upsert"
 
 
 def role_of(index: int) -> str:
@@ -151,6 +163,8 @@ async def _raw(config: dict[str, Any], ready: Any, go: Any) -> dict[str, Any]:
         async def writer() -> None:
             while time.monotonic() < window.end:
                 i = next(counter)
+                if i >= STRIDE_MS:
+                    return
                 user = i % config["users"]
                 uid = user_id(user)
                 began = time.monotonic()
@@ -199,11 +213,13 @@ async def run(
     concurrency: int,
     users: int,
     deliveries: int,
+    pairs: int = 2,
     profile: Path | None = None,
-) -> tuple[list[Figure], list[str]]:
-    """Run the three phases; return their figures and notes."""
+) -> tuple[list[Figure], list[str], list[str]]:
+    """Run the interleaved phases; return the median figures, the ratio lines and notes."""
     notes: list[str] = []
     base_ms = int(time.time() * 1000) - 3_600_000
+    runs: dict[str, list[Figure]] = {SIDECAR: [], RAW: []}
     with workdir("authsvc-bench-webhook-") as tmp:
         async with private_mongo(tmp) as mongo:
             assert mongo.pid is not None
@@ -217,38 +233,33 @@ async def run(
                     MONGODB_DB=DB,
                     CLERK_WEBHOOK_SECRET=SECRET,
                     AUTHSVC_WEBHOOK_ADDR=f"127.0.0.1:{port}",
-                    AUTHSVC_LOG_LEVEL="warning",
+                    AUTHSVC_LOG_LEVEL="info",
                 ),
                 logfile=tmp / "sidecar.log",
             )
             sidecar.start()
             try:
                 await sidecar.wait_ready(http_ok(f"http://127.0.0.1:{port}/readyz"), timeout_s=30)
-                common = {"users": users, "concurrency": concurrency, "run": "s"}
-                sidecar_fig = await run_phase(
-                    "webhook: sidecar",
-                    sidecar_worker,
-                    [{**common, "url": f"http://127.0.0.1:{port}{PATH}", "base_ms": base_ms, "deliveries": deliveries}],
-                    {"server": sidecar.pid, "mongo": mongo.pid},
-                    warmup_s=warmup_s,
-                    duration_s=duration_s,
-                    profile=profile,
-                )
-                sidecar.check_alive()
+                for phase, side in enumerate(abba(pairs)):
+                    # Each window's events are later than every earlier window's: all of them apply.
+                    phase_ms = base_ms + phase * STRIDE_MS
+                    common = {"users": users, "concurrency": concurrency, "run": str(phase), "base_ms": phase_ms}
+                    if side == 0:
+                        url = f"http://127.0.0.1:{port}{PATH}"
+                        config = {**common, "url": url, "deliveries": min(deliveries, STRIDE_MS)}
+                        found = await run_phase(SIDECAR, sidecar_worker, [config],
+                                                {"server": sidecar.pid, "mongo": mongo.pid},
+                                                warmup_s=warmup_s, duration_s=duration_s, profile=profile)  # fmt: skip
+                        sidecar.check_alive()
+                    else:
+                        found = await run_phase(RAW, raw_worker, [{**common, "uri": mongo.uri}], {"mongo": mongo.pid},
+                                                warmup_s=warmup_s, duration_s=duration_s, profile=profile)  # fmt: skip
+                    runs[found.name].append(found)
             finally:
                 sidecar.stop()
-            logged = sum('"webhook delivery"' in line for line in sidecar.tail(10_000).splitlines())
-            if logged:
-                notes.append(f"the sidecar logged {logged} delivery lines at warning level: logs were measured")
-            # Later events than any the sidecar sent, so every raw upsert applies as well.
-            raw = await run_phase(
-                "webhook: raw upsert",
-                raw_worker,
-                [{**common, "uri": mongo.uri, "base_ms": base_ms + deliveries + 1}],
-                {"mongo": mongo.pid},
-                warmup_s=warmup_s,
-                duration_s=duration_s,
-                profile=profile,
-            )
-            figures = [sidecar_fig, raw]
-    return figures, notes
+            logged = sum('"webhook delivery"' in line for line in (tmp / "sidecar.log").read_text().splitlines())
+            notes.append(f"webhook: the sidecar logged {logged:,} delivery lines (info level, to a file)")
+    ratios = pair_ratios([f.rps for f in runs[SIDECAR]], [f.rps for f in runs[RAW]])
+    lines = [ratio_line("sidecar / raw upsert", ratios, 0.7)]
+    figures = [median_figure(name, found) for name, found in runs.items()]
+    return figures, lines, notes

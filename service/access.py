@@ -20,6 +20,7 @@ from service.errors import (
 from service.logs import bind
 from service.rolechanges import RoleChanges
 from service.roles import Role
+from service.sessions import SessionRules
 from service.tokens import TokenVerifier, VerifiedToken
 from service.users import UserRecord, UserStore
 
@@ -41,17 +42,21 @@ class UserReader(Protocol):
 async def authorize(
     verifier: TokenVerifier,
     users: UserReader,
+    sessions: SessionRules,
     token: str,
     min_role: Role | None,
 ) -> tuple[VerifiedToken, UserRecord | None]:
     """Verify ``token`` and apply the access rules; return the token and the synced user, if any.
 
-    An inactive synced user is denied (:class:`UserInactive`). With ``min_role``
+    The session rules come first (:meth:`SessionRules.check`: a revoked or
+    pending session is refused, whoever its user). An inactive synced user
+    is denied (:class:`UserInactive`). With ``min_role``
     an unsynced user is denied (:class:`UserNotSynced`), and so is a lower role
     (:class:`RoleTooLow`). Without it, an unsynced user passes with no record.
     """
     verified = await verifier.verify(token)
-    bind(subject=verified.subject)  # logged even when the call is denied below
+    bind(subject=verified.subject, actor=verified.actor or None)  # logged even when the call is denied below
+    sessions.check(verified)
     # Tombstones included: a deleted user stays denied, never "not synced".
     user = await users.get(verified.subject, include_tombstones=True)
     if user is not None and not user.is_active:
@@ -64,13 +69,37 @@ async def authorize(
     return verified, user
 
 
+async def authorize_role_admin(
+    verifier: TokenVerifier, users: UserReader, sessions: SessionRules, token: str | None
+) -> VerifiedToken:
+    """SetRole's caller: the holder of ``token`` must be an active superadmin in a session fit for it.
+
+    No token is :class:`TokenMissing`; then :func:`authorize` (revoked, pending,
+    inactive); an impersonated session is :class:`ImpersonationNotAllowed`
+    whoever it impersonates; a caller who is not a synced superadmin
+    :class:`CallerNotSuperadmin`; only then, with step-up configured, a second
+    factor that is not recent enough :class:`ReverificationRequired`.
+    """
+    if not token:
+        raise TokenMissing("authorization metadata with a bearer token is required")
+    caller, record = await authorize(verifier, users, sessions, token, None)
+    sessions.check_role_admin(caller)
+    if record is None or record.role is not Role.SUPERADMIN:
+        raise CallerNotSuperadmin("only an active superadmin may change roles")
+    sessions.check_factor_age(caller)
+    return caller
+
+
 class RoleAdmin:
     """SetRole in two steps: who the caller is (:meth:`caller`), then the change (:class:`RoleChanges`)."""
 
-    def __init__(self, store: UserStore, verifier: TokenVerifier, clerk: ClerkBackend | None) -> None:
+    def __init__(
+        self, store: UserStore, verifier: TokenVerifier, clerk: ClerkBackend | None, sessions: SessionRules
+    ) -> None:
         self._store = store
         self._verifier = verifier
         self._changes = RoleChanges(store, clerk)
+        self._sessions = sessions
 
     async def set_role(
         self,
@@ -98,16 +127,9 @@ class RoleAdmin:
     async def caller(self, token: str | None) -> VerifiedToken:
         """Who asks: the verified token of a synced, active superadmin.
 
-        No token is :class:`TokenMissing`; a caller who is not a synced, active
-        superadmin is :class:`CallerNotSuperadmin` (or :class:`UserInactive`).
-        The caller is authorized when the call arrives.
+        :func:`authorize_role_admin`; the caller is authorized when the call arrives.
         """
-        if not token:
-            raise TokenMissing("authorization metadata with a bearer token is required")
-        caller, record = await authorize(self._verifier, self._store, token, None)
-        if record is None or record.role is not Role.SUPERADMIN:
-            raise CallerNotSuperadmin("only an active superadmin may change roles")
-        return caller
+        return await authorize_role_admin(self._verifier, self._store, self._sessions, token)
 
     async def close(self) -> None:
         """Let role changes under way finish (their callers may be gone)."""

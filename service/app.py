@@ -1,9 +1,11 @@
 """The gRPC process's composition root: every resource built here, in one ``AsyncExitStack``.
 
 :func:`grpc_service` builds the token verifier, the optional Clerk client,
-the user cache (with just-in-time sync around it), the role rules, the servicer and the server over a store the
-caller owns, and closes them in reverse order. ``authsvc grpc`` wraps it in
-:func:`run_grpc`; ``authsvc dev`` and the tests use it directly.
+the user cache (with just-in-time sync around it), the revoked sessions and
+the session rules, the role rules, the servicer and the server over a store
+the caller owns, and closes them in reverse order. ``authsvc grpc`` wraps it in
+:func:`run_grpc`, over a database it does not wait for (:func:`service.startup.served_database`);
+``authsvc dev`` and the tests use it directly.
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ from service.access import RoleAdmin, UserReader
 from service.callerfile import RELOAD_S, CallersFile
 from service.callers import CallersFileError
 from service.clerkapi import ClerkBackend
+from service.database import GRPC_DEFAULTS
+from service.dbmonitor import DatabaseMonitor
 from service.exposition import metrics_server
 from service.gauges import GaugeTicker, Reading
 from service.jit import JitUsers
 from service.metrics import jwks_age
+from service.revocations import RevokedSessions
 from service.rpclog import RpcLog
 from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
+from service.sessions import SessionRules
 from service.settings import Settings
-from service.startup import StartupError, until_signalled, user_store
+from service.startup import StartupError, served_database, until_signalled
 from service.tokens import TokenVerifier
 from service.tracing import Tracing, traced
 from service.usercache import UserCache
@@ -43,6 +49,8 @@ class GrpcService:
     users: UserCache
     clerk: ClerkBackend | None
     reader: UserReader  # what token-checking paths read users through: the cache, with JIT sync around it
+    monitor: DatabaseMonitor  # whether the database answers this process
+    revoked: RevokedSessions
 
     @property
     def port(self) -> int:
@@ -54,7 +62,8 @@ async def grpc_service(
     settings: Settings,
     store: UserStore,
     *,
-    health_interval_s: float = 2.0,
+    monitor: DatabaseMonitor | None = None,
+    health_interval_s: float = 0.5,
     grace_s: float = 5.0,
     reuse_port: bool = False,
     callers_reload_s: float = RELOAD_S,
@@ -63,10 +72,16 @@ async def grpc_service(
 ) -> AsyncIterator[GrpcService]:
     """Serve AuthService over ``store`` on ``settings.grpc_addr`` until the block exits.
 
+    ``monitor`` says whether the database answers (the caller's, started once
+    it has); without one, the database is taken as reachable now and watched here.
     ``AUTHSVC_CALLERS_FILE`` is re-read every ``callers_reload_s``; with
     ``tracing`` every call is a span; the age gauges are set every ``gauge_interval_s``.
     """
     async with contextlib.AsyncExitStack() as stack:
+        if monitor is None:
+            monitor = DatabaseMonitor(store.users.database)
+            monitor.start()
+            stack.push_async_callback(monitor.close)
         callers = None
         if settings.callers_file is not None:
             callers = CallersFile(
@@ -88,7 +103,7 @@ async def grpc_service(
         if settings.clerk_secret_key:
             clerk = ClerkBackend.for_calls(settings.clerk_api_url, settings.clerk_secret_key)
             stack.push_async_callback(clerk.close)
-        users = UserCache(store)
+        users = UserCache(store, monitor, stale_s=settings.stale_s)
         stack.push_async_callback(users.close)
         await users.start()
         reader: UserReader = users
@@ -96,14 +111,25 @@ async def grpc_service(
             jit = JitUsers(users, store, clerk)
             stack.push_async_callback(jit.close)
             reader = jit
-        roles = RoleAdmin(store, verifier, clerk)
+        revoked = RevokedSessions(store.revoked_sessions)
+        stack.push_async_callback(revoked.close)
+        await revoked.start()  # loaded before the first call, unless the database cannot be read yet
+        sessions = SessionRules(
+            revoked,
+            accept_pending=settings.accept_pending_sessions,
+            max_factor_age_min=settings.setrole_max_factor_age_min,
+        )
+        roles = RoleAdmin(store, verifier, clerk, sessions)
         stack.push_async_callback(roles.close)  # before the Clerk client and the store close
-        servicer = AuthServicer(store, verifier, reader, roles, RpcLog(settings.log_rpcs))
-        extra = [_ext_authz(verifier, reader, servicer)] if settings.ext_authz else []
+        servicer = AuthServicer(users, verifier, reader, roles, sessions, RpcLog(settings.log_rpcs))
+        extra = [_ext_authz(verifier, reader, sessions, servicer)] if settings.ext_authz else []
+        watched = monitor
 
         async def ready() -> bool:
-            # No signing key at all (a cold start with the JWKS down): no token can be verified.
-            return verifier.ready and await store.ping()
+            # No signing key at all (a cold start with the JWKS down): no token can be verified; revoked
+            # sessions not read yet: no token with a sid can be judged. A database outage within
+            # AUTHSVC_STALE_S keeps SERVING: every replica sees it, turning all away is an outage.
+            return verifier.ready and revoked.loaded and watched.started and (watched.up or users.within_bound())
 
         try:
             server = await start_server(
@@ -125,16 +151,20 @@ async def grpc_service(
             log.warning("CLERK_SECRET_KEY is unset: SetRole writes MongoDB only; the next Clerk event wins")
         if callers is None:
             log.warning("AUTHSVC_CALLERS_FILE is unset: any caller may call any method")
-        yield GrpcService(server=server, verifier=verifier, users=users, clerk=clerk, reader=reader)
+        yield GrpcService(
+            server=server, verifier=verifier, users=users, clerk=clerk, reader=reader, monitor=monitor, revoked=revoked
+        )
 
 
-def _ext_authz(verifier: TokenVerifier, users: UserReader, servicer: AuthServicer) -> tuple[str, ExtraService]:
+def _ext_authz(
+    verifier: TokenVerifier, users: UserReader, sessions: SessionRules, servicer: AuthServicer
+) -> tuple[str, ExtraService]:
     """Envoy's Check over the same verifier and user reader as VerifyToken (AUTHSVC_EXT_AUTHZ=on)."""
     try:
         from service.extauthz import SERVICE_NAME, ExtAuthzServicer
     except ImportError as exc:
         raise StartupError("AUTHSVC_EXT_AUTHZ=on needs the Envoy stubs: pip install 'authsvc[envoy]'") from exc
-    return SERVICE_NAME, ExtAuthzServicer(verifier, users, servicer.serve)
+    return SERVICE_NAME, ExtAuthzServicer(verifier, users, sessions, servicer.serve)
 
 
 async def run_grpc(
@@ -152,11 +182,13 @@ async def run_grpc(
         tracing = await stack.enter_async_context(traced("authsvc-grpc"))
         if not worker:
             await stack.enter_async_context(metrics_server(settings.metrics_addr))
-        store = await stack.enter_async_context(user_store(settings))
+        database = await stack.enter_async_context(served_database(settings, **GRPC_DEFAULTS))
         service = await stack.enter_async_context(
-            grpc_service(settings, store, grace_s=grace_s, reuse_port=worker, tracing=tracing)
+            grpc_service(
+                settings, database.store, monitor=database.monitor, grace_s=grace_s, reuse_port=worker, tracing=tracing
+            )
         )
         if on_ready is not None:
             on_ready()
-        await until_signalled()
+        await until_signalled(database)
         await drain(service.server, settings.drain_s, grace_s)

@@ -76,6 +76,7 @@ def verify_response(verified: VerifiedToken, user: UserRecord | None) -> authsvc
         subject=verified.subject,
         session_id=verified.session_id,
         authorized_party=verified.authorized_party,
+        actor=verified.actor,
     )
     response.expires_at.FromDatetime(verified.expires_at)
     if user is not None:

@@ -1,13 +1,16 @@
 """Opening MongoDB: the configured URI, or the embedded server when it is unset.
 
-Timeouts are short so that a dead database is answered (503 / UNAVAILABLE)
-within seconds instead of after the driver's 30 s server-selection default.
+The client is made at once and connects in the background (a database that is
+down at startup is :mod:`service.startup`'s to wait for). Options written in
+``MONGODB_URI`` win; authsvc's defaults (:data:`DEFAULTS`) fill in only what
+the URI leaves unsaid.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -15,22 +18,57 @@ from urllib.parse import unquote
 from pymongo import AsyncMongoClient, WriteConcern
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConfigurationError, OperationFailure, ServerSelectionTimeoutError
+from pymongo.uri_parser import split_options
 
 from service.embedded import EmbeddedMongo
-from service.logs import fields
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
 
-CLIENT_OPTIONS: dict[str, Any] = {
-    "serverSelectionTimeoutMS": 2000,
-    "connectTimeoutMS": 2000,
-    "socketTimeoutMS": 10000,
-    "tz_aware": True,
+# authsvc's choices where MONGODB_URI says nothing, measured through a simulated election
+# (bench/availability.py; the numbers are in README.md, "Availability"):
+DEFAULTS: dict[str, Any] = {
+    # A write waits this long for a primary: long enough to ride out an election (typically
+    # under 12 s) inside the 15 s Svix gives a delivery, so a failover is not a 503. Reads on the
+    # gRPC hot path and the health ping set shorter per-operation timeouts (pymongo.timeout).
+    "serverSelectionTimeoutMS": 10_000,
+    # The driver's own monitor re-checks a server this often; after a "not primary" error it finds
+    # the new primary on its next check. The driver's 10 s default kept writes failing up to 10 s
+    # after the primary was back; at 1 s they resume within about a second.
+    "heartbeatFrequencyMS": 1_000,
+    "connectTimeoutMS": 2_000,
+    "socketTimeoutMS": 10_000,
     "appname": "authsvc",
 }
+
+# `authsvc grpc` answers callers whose deadline is 5 s by default (the client package): its writes
+# (SetRole, just-in-time sync) wait at most this long for a primary, so an election is UNAVAILABLE
+# within the caller's deadline, never DEADLINE_EXCEEDED. Its reads have shorter timeouts still.
+GRPC_DEFAULTS: dict[str, Any] = {"serverSelectionTimeoutMS": 4_000}
+
+# Every 2xx of the sidecar waits for this: journaled, and on a majority of a replica set. A
+# standalone server accepts w: "majority" as journaled w: 1, so no round trip is needed to choose.
+DURABLE = WriteConcern(w="majority", j=True)
+
+
+def client_options(uri: str, **defaults: Any) -> dict[str, Any]:
+    """The keyword options for a client of ``uri``: :data:`DEFAULTS` (updated with ``defaults``, a
+    process's own) minus what the URI sets itself.
+
+    Keyword options override URI options in PyMongo, so a default is only
+    passed when the URI is silent about it (names compared as the driver
+    does: case-insensitively, aliases normalized). A URI whose options do not
+    parse gets every default; the client then reports the malformed URI.
+    """
+    _, _, query = uri.partition("?")
+    try:
+        given = split_options(query) if query else {}
+    except (ConfigurationError, ValueError, TypeError):
+        given = {}
+    chosen = {name: value for name, value in {**DEFAULTS, **defaults}.items() if name.lower() not in given}
+    return {**chosen, "tz_aware": True}
 
 
 class MalformedUri(ValueError):
@@ -80,21 +118,19 @@ def describe_failure(uri: str, exc: BaseException) -> str:
     return line
 
 
-def make_client(uri: str, **overrides: Any) -> AsyncMongoClient[Document]:
-    """An ``AsyncMongoClient`` with authsvc's timeouts (callers may override)."""
-    return AsyncMongoClient(uri, **{**CLIENT_OPTIONS, **overrides})
+def make_client(uri: str, *, defaults: Mapping[str, Any] | None = None, **overrides: Any) -> AsyncMongoClient[Document]:
+    """An ``AsyncMongoClient`` for ``uri`` with :func:`client_options` (``defaults`` lose to the URI,
+    ``overrides`` win over it); no I/O."""
+    return AsyncMongoClient(uri, **{**client_options(uri, **(defaults or {})), **overrides})
 
 
 async def durable_write_concern(client: AsyncMongoClient[Document]) -> WriteConcern:
-    """The write concern that makes a 2xx safe to answer.
+    """The write concern that makes a 2xx safe to answer: :data:`DURABLE`, on every deployment.
 
-    Journaled on a standalone server; majority (and journaled) on a replica set
-    or through mongos. Decided once from the server's ``hello``.
+    Journaled, and on a majority of a replica set (or through mongos); a
+    standalone server takes ``w: "majority"`` as journaled ``w: 1``.
     """
-    hello = await client.admin.command("hello")
-    if hello.get("setName") or hello.get("msg") == "isdbgrid":
-        return WriteConcern(w="majority", j=True)
-    return WriteConcern(j=True)
+    return DURABLE
 
 
 @dataclass
@@ -112,13 +148,14 @@ class Database:
             self.embedded.stop()
 
 
-async def open_database(settings: Settings) -> Database:
-    """Connect to ``MONGODB_URI``, or start the embedded server under ``AUTHSVC_DATA_DIR``.
+async def open_database(settings: Settings, **defaults: Any) -> Database:
+    """A client for ``MONGODB_URI``, or the embedded server under ``AUTHSVC_DATA_DIR`` (started first).
 
-    Raises :class:`service.embedded.EmbeddedUnavailable` when the embedded
-    server is needed but missing or failing to start, :class:`MalformedUri`
-    when the URI does not parse, and the driver's error when the server does
-    not answer (:func:`describe_failure` says it in one line).
+    ``defaults`` are the process's own client defaults (the URI still wins).
+    No round trip to the database: it may still be down (:mod:`service.startup`
+    waits for it). Raises :class:`service.embedded.EmbeddedUnavailable` when the
+    embedded server is needed but missing or failing to start, and
+    :class:`MalformedUri` when the URI does not parse.
     """
     embedded = None
     uri = settings.mongodb_uri
@@ -127,20 +164,9 @@ async def open_database(settings: Settings) -> Database:
         await embedded.start()
         uri = embedded.uri
     try:
-        client = make_client(uri)
+        client = make_client(uri, defaults=defaults)
     except (ConfigurationError, ValueError, TypeError) as exc:  # the driver parses the URI here
         if embedded is not None:
             embedded.stop()
         raise MalformedUri(_driver_reason(exc)) from exc
-    try:
-        concern = await durable_write_concern(client)
-    except Exception:
-        await client.close()
-        if embedded is not None:
-            embedded.stop()
-        raise
-    log.info(
-        "database connected",
-        extra=fields(embedded=embedded is not None, db=settings.mongodb_db, write_concern=concern.document),
-    )
-    return Database(client=client, db=client[settings.mongodb_db], write_concern=concern, embedded=embedded)
+    return Database(client=client, db=client[settings.mongodb_db], write_concern=DURABLE, embedded=embedded)

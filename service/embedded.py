@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -107,10 +108,13 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
 class EmbeddedMongo:
     """A SecantusDB server on a loopback port with its files under ``directory``."""
 
-    def __init__(self, directory: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, host: str = "127.0.0.1", port: int | None = None, flags: Sequence[str] = ()
+    ) -> None:
         self.directory = directory
         self.host = host
         self.port = port or free_port(host)
+        self.flags = tuple(flags)  # extra secantusd flags, e.g. --enable-test-commands for fail points in tests
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock: int | None = None
 
@@ -154,6 +158,7 @@ class EmbeddedMongo:
             "--storage-path", str(storage),
             "--log-level", "WARNING",
             "--cache-size", "256M",
+            *self.flags,
         ]  # fmt: skip
 
     async def start(self, timeout_s: float = 30.0) -> None:

@@ -78,6 +78,19 @@ class TokenInvalidAudience(TokenError):
     reason = "TOKEN_INVALID_AUDIENCE"
 
 
+# --- sessions (a valid token of a session that may not be used) ---------------
+class SessionPending(TokenError):
+    """The session still has tasks to finish (``sts: pending``): signed out, as Clerk's SDKs treat it."""
+
+    reason = "SESSION_PENDING"
+
+
+class SessionRevoked(TokenError):
+    """Clerk ended, removed or revoked the token's session (``sid``)."""
+
+    reason = "SESSION_REVOKED"
+
+
 # --- webhook signatures ------------------------------------------------------
 class SignatureInvalid(AuthError):
     """Svix headers missing, signature wrong, or timestamp outside tolerance."""
@@ -108,6 +121,18 @@ class RoleTooLow(PermissionDenied):
 
 class CallerNotSuperadmin(PermissionDenied):
     reason = "CALLER_NOT_SUPERADMIN"
+
+
+class ImpersonationNotAllowed(PermissionDenied):
+    """SetRole from an impersonated session (a token with an ``act`` claim)."""
+
+    reason = "IMPERSONATION_NOT_ALLOWED"
+
+
+class ReverificationRequired(PermissionDenied):
+    """SetRole needs a second factor verified more recently (``fva``, ``AUTHSVC_SETROLE_MAX_FACTOR_AGE_MIN``)."""
+
+    reason = "REVERIFICATION_REQUIRED"
 
 
 class UserNotFound(AuthError):

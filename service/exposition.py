@@ -35,8 +35,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def metrics_server(addr: str) -> AsyncIterator[int]:
-    """Serve ``GET /metrics`` on ``addr`` until the block exits; yields the bound port."""
+async def metrics_server(addr: str, setting: str = "AUTHSVC_METRICS_ADDR") -> AsyncIterator[int]:
+    """Serve ``GET /metrics`` on ``addr`` (the value of ``setting``) until the block exits; yields the bound port."""
     app = web.Application()
     app.router.add_get(PATH, metrics)
     runner = web.AppRunner(app, access_log=None)
@@ -46,7 +46,7 @@ async def metrics_server(addr: str) -> AsyncIterator[int]:
         try:
             await web.TCPSite(runner, host, port).start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on {addr} (AUTHSVC_METRICS_ADDR): {exc.strerror}") from exc
+            raise StartupError(f"cannot listen on {addr} ({setting}): {exc.strerror}") from exc
         yield runner.addresses[0][1] if runner.addresses else port
     finally:
         await runner.cleanup()

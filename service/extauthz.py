@@ -8,7 +8,8 @@ Python middleware uses too); the minimum role from the route's
 ``context_extensions["min_role"]``; the decision from
 :func:`service.access.authorize` over the same user reader as VerifyToken.
 
-- allowed: OK, ``x-authsvc-user-id``/``-role``/``-session-id`` overwrite
+- allowed: OK, ``x-authsvc-user-id``/``-role``/``-session-id`` (and ``-actor``
+  for an impersonated session) overwrite
   whatever the client sent, and every other client header in authsvc's
   namespace is removed (:func:`spoofable`: ``x_authsvc_role`` too, which
   CGI-style backends read as ``x-authsvc-role``);
@@ -49,12 +50,14 @@ from service.errors import (
 )
 from service.metrics import DENIALS
 from service.roles import Role
+from service.sessions import SessionRules
 from service.tokens import TokenVerifier
 
 SERVICE_NAME: str = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 CHECK = f"/{SERVICE_NAME}/Check"
 PREFIX = "x-authsvc-"
 USER_ID, ROLE, SESSION_ID = f"{PREFIX}user-id", f"{PREFIX}role", f"{PREFIX}session-id"
+ACTOR = f"{PREFIX}actor"
 
 T = TypeVar("T")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -126,9 +129,10 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
     ``serve`` is the servicer's call wrapper (one log line, AuthError → status).
     """
 
-    def __init__(self, verifier: TokenVerifier, users: UserReader, serve: Serve[Any]) -> None:
+    def __init__(self, verifier: TokenVerifier, users: UserReader, sessions: SessionRules, serve: Serve[Any]) -> None:
         self._verifier = verifier
         self._users = users
+        self._sessions = sessions
         self._serve = serve
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -150,13 +154,15 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
                     raise TokenMalformed(str(exc)) from None
                 if token is None:
                     raise TokenMissing("a bearer token or the __session cookie is required")
-                verified, user = await authorize(self._verifier, self._users, token, min_role)
+                verified, user = await authorize(self._verifier, self._users, self._sessions, token, min_role)
             except (TokenError, PermissionDenied) as exc:
                 DENIALS.labels(method="Check", reason=exc.reason).inc()
                 return _denied(exc)
             ours = [_header(USER_ID, verified.subject)]
             if verified.session_id:
                 ours.append(_header(SESSION_ID, verified.session_id))
+            if verified.actor:
+                ours.append(_header(ACTOR, verified.actor))
             if user is not None:
                 ours.append(_header(ROLE, user.role.wire))
             return external_auth_pb2.CheckResponse(

@@ -53,8 +53,34 @@ CLERK_REQUESTS = Counter(
 SYNC_USERS = Counter("authsvc_sync_users", "Users seen by a sync, by outcome.", ["outcome"])
 
 
-# Gauges a process exports only once it has a value: made on first use (an unlabelled gauge is
-# exported, as 0, from the moment it exists, and 0 would be a lie for both).
+# Gauges are made on first use, by the processes that have a value for them: in multiprocess mode a
+# gauge gets a value (0) for every process that creates it, and the parent of the workers (which
+# never watches the database) would pin the minimum at 0; an unlabelled gauge is exported, as 0, from
+# the moment it exists, where 0 would be a lie. "live" modes forget dead workers.
+@functools.cache
+def database_up() -> Gauge:
+    """``authsvc_database_up``: 1 while MongoDB answers this process, else 0; the minimum over workers."""
+    return Gauge("authsvc_database_up", "1 while MongoDB answers this process, else 0.", multiprocess_mode="livemin")
+
+
+@functools.cache
+def user_cache_stale_seconds() -> Gauge:
+    """``authsvc_user_cache_stale_seconds``: 0 while the change stream is live; the maximum over workers."""
+    return Gauge(
+        "authsvc_user_cache_stale_seconds",
+        "0 while the users change stream is live, else seconds since it last confirmed the cache.",
+        multiprocess_mode="livemax",
+    )
+
+
+@functools.cache
+def revoked_sessions() -> Gauge:
+    """``authsvc_revoked_sessions``: the revoked sessions held in this process; the smallest set of any live worker."""
+    return Gauge(
+        "authsvc_revoked_sessions", "Revoked sessions held in this process's set.", multiprocess_mode="livemin"
+    )
+
+
 @functools.cache
 def jwks_age() -> Gauge:
     """``authsvc grpc`` with a JWKS: seconds since the last successful fetch (+Inf before the first).

@@ -56,6 +56,18 @@ def server_options(reuse_port: bool) -> list[tuple[str, int]]:
     return [("grpc.so_reuseport", 1 if reuse_port else 0), *SERVER_OPTIONS]
 
 
+def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """``AUTHSVC_MAX_CONNECTION_AGE_S``: end each connection gracefully after about that long (grpc adds
+    +/-10% jitter), so clients behind one virtual IP spread over new replicas. GOAWAY first; its calls
+    then have ``AUTHSVC_DRAIN_S`` + 5 s, as in a drain. 0: never."""
+    if settings.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int((settings.drain_s + 5.0) * 1000)),
+    ]
+
+
 def _reply_bytes(reply: Any) -> bytes:
     """VerifyToken's serializer: the servicer answers with bytes it serialized once and reuses."""
     if type(reply) is bytes:
@@ -209,7 +221,8 @@ async def start_server(
     # The metrics interceptor before the guard: it sees every call as the client does, the guard's refusals
     # included; the tracing one before both, so that the span covers all of the call and its log line.
     interceptors = (*([tracing] if tracing is not None else []), MetricsInterceptor(), calls)
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(reuse_port))
+    options = [*server_options(reuse_port), *connection_age_options(settings)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     add_auth_service(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

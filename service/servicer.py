@@ -27,8 +27,9 @@ from service.convert import bearer_token, role_from_proto, user_message, verify_
 from service.errors import AuthError, InvalidArgument, UserNotFound, status_of
 from service.metrics import DENIALS
 from service.rpclog import ExcInfo, RpcLog, request_id_of
+from service.sessions import SessionRules
 from service.tokens import TokenVerifier, VerifiedToken
-from service.users import UserRecord, UserStore
+from service.users import UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,18 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
     """``authsvc.v1.AuthService``: VerifyToken, GetUser, SetRole.
 
     ``users`` serves VerifyToken's hot-path reads (the store, or its cache);
-    ``roles`` applies SetRole's rules; ``rpc_log`` writes each call's line.
+    ``store`` serves GetUser (the user cache, or the store itself);
+    ``roles`` applies SetRole's rules; ``sessions`` the session rules of every token check;
+    ``rpc_log`` writes each call's line.
     """
 
     def __init__(
         self,
-        store: UserStore,
+        store: UserReader,
         verifier: TokenVerifier,
         users: UserReader,
         roles: RoleAdmin,
+        sessions: SessionRules,
         rpc_log: RpcLog | None = None,
     ) -> None:
         self._log = rpc_log or RpcLog()
@@ -79,6 +83,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
         self._users = users
         self._verifier = verifier
         self._roles = roles
+        self._sessions = sessions
         self._replies = _ReplyMemo()
 
     # Bytes, not the message: server.py registers VerifyToken with a serializer that sends them as they are.
@@ -96,7 +101,7 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
                 min_role = role_from_proto(request.min_role)
                 if min_role is None:
                     raise InvalidArgument(f"min_role {request.min_role} is not a known role")
-            verified, user = await authorize(self._verifier, self._users, request.token, min_role)
+            verified, user = await authorize(self._verifier, self._users, self._sessions, request.token, min_role)
             return self._replies.get(request.token, verified, user)
 
         return await self.serve("VerifyToken", context, handle)
@@ -156,5 +161,6 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
                     failure=failure,
                     request_id=request_id,
                     subject=bound.get("subject"),
+                    actor=bound.get("actor"),
                     target=bound.get("target"),
                 )

@@ -151,6 +151,11 @@ class Settings(BaseModel):
     metrics_addr: str = Field(
         "127.0.0.1:9464", alias="AUTHSVC_METRICS_ADDR", description="where authsvc grpc serves GET /metrics"
     )
+    webhook_metrics_addr: str | None = Field(
+        None,
+        alias="AUTHSVC_WEBHOOK_METRICS_ADDR",
+        description="when set, the sidecar serves GET /metrics there and no longer on its public address",
+    )
     sync_interval_s: float = Field(
         0.0, ge=0, alias="AUTHSVC_SYNC_INTERVAL_S", description="the sidecar reconciles from Clerk this often; 0: off"
     )
@@ -160,12 +165,37 @@ class Settings(BaseModel):
     ext_authz: bool = Field(
         False, alias="AUTHSVC_EXT_AUTHZ", description="on: serve Envoy's envoy.service.auth.v3.Authorization/Check"
     )
+    stale_s: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        alias="AUTHSVC_STALE_S",
+        description="answer from the user cache this long while the database is unreachable; 0: fail closed",
+    )
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        le=86400,
+        alias="AUTHSVC_MAX_CONNECTION_AGE_S",
+        description="end each gRPC connection gracefully after about this long (rebalancing); 0: never",
+    )
     callers_file: Path | None = Field(
         None,
         alias="AUTHSVC_CALLERS_FILE",
         description="TOML file of the callers allowed which methods; unset: anyone may call anything",
     )
     reflection: bool = Field(True, alias="AUTHSVC_REFLECTION", description="off: no gRPC server reflection")
+    accept_pending_sessions: bool = Field(
+        False,
+        alias="AUTHSVC_ACCEPT_PENDING_SESSIONS",
+        description="true: accept tokens whose sts claim is pending (else SESSION_PENDING)",
+    )
+    setrole_max_factor_age_min: int = Field(
+        0,
+        ge=0,
+        alias="AUTHSVC_SETROLE_MAX_FACTOR_AGE_MIN",
+        description="SetRole needs a second factor verified at most this many minutes ago (fva); 0: off",
+    )
 
     # --- parsing and validation of single fields --------------------------------
     @field_validator("webhook_secrets", mode="before")
@@ -210,6 +240,11 @@ class Settings(BaseModel):
     def _check_addr(cls, value: str) -> str:
         return _addr(value)
 
+    @field_validator("webhook_metrics_addr")
+    @classmethod
+    def _check_optional_addr(cls, value: str | None) -> str | None:
+        return None if value is None else _addr(value)
+
     @field_validator("webhook_path")
     @classmethod
     def _check_path(cls, value: str) -> str:
@@ -248,7 +283,7 @@ class Settings(BaseModel):
             return os.cpu_count() or 1
         return value
 
-    @field_validator("jit_sync", "ext_authz", "reflection", mode="before")
+    @field_validator("jit_sync", "ext_authz", "reflection", "accept_pending_sessions", mode="before")
     @classmethod
     def _check_switch(cls, value: object) -> object:
         return _switch(value)

@@ -1,8 +1,11 @@
 """Reconcile ``users`` from Clerk's Backend API: ``authsvc sync`` and the sidecar's periodic repair.
 
-Every listed user goes through :meth:`UserStore.upsert_from_clerk`, the same
-conditional write as a ``user.updated`` webhook, after one batched read per
-page, so an up-to-date user costs no write. ``--prune`` runs only after a
+Every listed user goes through the same conditional write as a
+``user.updated`` webhook (:class:`service.users.MirrorWrite`), a page at a
+time: one read of the page's stored users, then one unordered bulk write of
+the users that changed (:meth:`UserStore.upsert_page_from_clerk`), so an
+up-to-date user costs no write. The next page is fetched from Clerk while
+the current one is written. ``--prune`` runs only after a
 complete listing, only on users that were in MongoDB before the run started,
 and only once Clerk confirms each one is gone (``GET /v1/users/{id}`` is 404):
 offset pages shift when a user is deleted during the listing, so "not listed"
@@ -21,7 +24,7 @@ from typing import Never, TextIO
 
 from tqdm import tqdm
 
-from service.clerkapi import ClerkBackend
+from service.clerkapi import ClerkBackend, ClerkUser
 from service.clerkuser import profile_of
 from service.errors import AuthError, ClerkKeyRefused, ClerkUserNotFound, InvalidEvent
 from service.logs import fields
@@ -33,7 +36,6 @@ from service.users import Outcome, UserProfile, UserStore, compare
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 500
-WRITERS = 16  # conditional writes in flight within one page (distinct users, so order does not matter)
 EXIT_OK, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2
 
 
@@ -98,26 +100,45 @@ async def reconcile(
     before = await store.live_ids() if prune else set()
     listed: set[str] = set()
     offset = 0
+    page = await _listed(clerk.list_users(offset=offset, limit=page_size), summary, offset)
     while True:
+        # The next page is asked for while this one is written: at most one listing request in flight.
+        following = None
+        if len(page) >= page_size:
+            following = asyncio.create_task(clerk.list_users(offset=offset + len(page), limit=page_size))
         try:
-            page = await clerk.list_users(offset=offset, limit=page_size)
-            await _apply_page(store, page, listed, summary, dry_run=dry_run, via=via)
-        except ClerkKeyRefused:
+            try:
+                await _apply_page(store, page, listed, summary, dry_run=dry_run, via=via)
+            except AuthError as exc:
+                raise SyncIncomplete(summary, f"at offset {offset}", exc) from exc
+            if progress is not None:
+                progress(summary)
+            if on_page is not None:
+                await on_page()
+        except BaseException:
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
             raise
-        except AuthError as exc:
-            raise SyncIncomplete(summary, f"at offset {offset}", exc) from exc
-        if progress is not None:
-            progress(summary)
-        if on_page is not None:
-            await on_page()
-        if len(page) < page_size:
+        if following is None:
             break
         offset += len(page)
+        page = await _listed(following, summary, offset)
     if prune:
         await _prune(clerk, store, sorted(before - listed), summary, dry_run=dry_run)
         if progress is not None:
             progress(summary)
     return summary
+
+
+async def _listed(page: Awaitable[list[ClerkUser]], summary: Summary, offset: int) -> list[ClerkUser]:
+    """One page of the listing; a failure that is not the key's stops the run as incomplete."""
+    try:
+        return await page
+    except ClerkKeyRefused:
+        raise
+    except AuthError as exc:
+        raise SyncIncomplete(summary, f"at offset {offset}", exc) from exc
 
 
 async def _apply_page(
@@ -144,18 +165,8 @@ async def _apply_page(
         for profile in profiles:
             summary.add(compare(profile, stored.get(profile.external_id)))
         return
-    gate = asyncio.Semaphore(WRITERS)
-
-    async def write(profile: UserProfile) -> Outcome:
-        async with gate:
-            return await store.upsert_from_clerk(profile, via=via, stored=stored.get(profile.external_id))
-
-    # Every write finishes (none left running behind an error); then the first error, if any, stops the run.
-    results = await asyncio.gather(*(write(p) for p in profiles), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-        summary.add(result)
+    for outcome in await store.upsert_page_from_clerk(profiles, stored, via=via):
+        summary.add(outcome)
 
 
 async def _prune(

@@ -30,6 +30,7 @@ import jwt
 from cachetools import LRUCache
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.api_jws import PyJWS
 from jwt.api_jwt import PyJWT
 from tenacity import AsyncRetrying, retry_if_result, wait_exponential_jitter
 
@@ -62,13 +63,20 @@ _PYJWT_ERRORS: tuple[tuple[type[jwt.PyJWTError], type[errors.TokenError], str], 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
-    """A session token that passed every check. ``claims`` is shared: do not mutate it."""
+    """A session token that passed every check. ``claims`` is shared: do not mutate it.
+
+    ``actor`` is ``act.sub`` of an impersonated session, else empty; ``pending``
+    says the ``sts`` claim is ``pending``. What they allow is
+    :mod:`service.sessions`' to decide.
+    """
 
     subject: str
     session_id: str
     authorized_party: str
     expires_at: datetime
     claims: dict[str, Any]
+    actor: str = ""
+    pending: bool = False
 
 
 def _unverified_header(token: str) -> dict[str, Any]:
@@ -128,6 +136,29 @@ def _claims_problem(claims: object) -> str | None:
     return None
 
 
+def _actor(claims: dict[str, Any]) -> str:
+    """``act.sub`` of an impersonated session (Clerk: ``act = {iss, sid, sub}``), else empty.
+
+    An ``act`` without a usable ``sub`` is refused rather than read as "not
+    impersonated": the actor must never silently disappear.
+    """
+    act = claims.get("act")
+    if act is None:
+        return ""
+    sub = act.get("sub") if isinstance(act, dict) else None
+    if not isinstance(sub, str) or not sub:
+        raise errors.TokenMalformed("token act claim has no actor subject")
+    return sub
+
+
+def _status(claims: dict[str, Any]) -> str:
+    """The session status (``sts``: ``active`` or ``pending``); a token without one is active."""
+    sts = claims.get("sts", "active")
+    if not isinstance(sts, str):
+        raise errors.TokenMalformed("token sts claim is not a string")
+    return sts
+
+
 def _rsa_key_from_jwk(jwk: Any) -> tuple[str | None, RSAPublicKey]:
     """Parse one JWK; raise ValueError (with a loggable reason) unless it is an RS256 public key."""
     if not isinstance(jwk, dict):
@@ -150,6 +181,33 @@ def _rsa_key_from_jwk(jwk: Any) -> tuple[str | None, RSAPublicKey]:
     if key.key_size < 2048:
         raise ValueError(f"RSA key of {key.key_size} bits is too weak")
     return kid, key
+
+
+_BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
+
+
+class SegmentDecoder(PyJWS):
+    """pyjwt's JWS decoding, with each segment's base64url check done by one compiled regex.
+
+    pyjwt (2.10+) tests every byte of every segment against its alphabet in a
+    Python generator, a quarter of the CPU of a first-seen token. This is the
+    same check, with the same errors (``tests/test_tokens.py`` compares the
+    two on arbitrary bytes): at most two ``=`` of padding and only on a
+    multiple of four, only base64url characters, a length that can be
+    base64, and the canonical encoding of what it decodes to.
+    """
+
+    @staticmethod
+    def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
+        stripped = segment.rstrip(b"=")
+        padding = len(segment) - len(stripped)
+        malformed = padding > 2 or (padding and len(segment) % 4) or len(stripped) % 4 == 1
+        if malformed or not _BASE64URL.fullmatch(stripped):
+            raise jwt.DecodeError(f"Invalid {name} padding")
+        decoded = base64.urlsafe_b64decode(stripped + b"=" * (-len(stripped) % 4))
+        if base64.urlsafe_b64encode(decoded).rstrip(b"=") != stripped:
+            raise jwt.DecodeError(f"Invalid {name} padding")
+        return decoded
 
 
 class TokenVerifier:
@@ -175,6 +233,7 @@ class TokenVerifier:
         self._retry_max = min(refresh_interval_s, max(min_refetch_interval_s, 1.0))
         self._timeout = aiohttp.ClientTimeout(total=fetch_timeout_s)
         self._jwt = PyJWT({"require": ["exp", "iat", "sub"], "verify_aud": self._audience is not None})
+        self._jwt._jws = SegmentDecoder(options=self._jwt._get_sig_options())
         # kid -> parsed key; None is the key of a JWK without a kid.
         self._keys: dict[str | None, RSAPublicKey] = {}
         self._static_key: RSAPublicKey | None = None
@@ -305,6 +364,8 @@ class TokenVerifier:
             authorized_party=azp if isinstance(azp, str) else "",
             expires_at=expires_at,
             claims=claims,
+            actor=_actor(claims),
+            pending=_status(claims) == "pending",
         )
 
     def _lookup(self, kid: str | None) -> RSAPublicKey | None:

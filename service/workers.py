@@ -15,7 +15,8 @@ The parent:
   address exits 2 with one line instead of silently sharing the port;
 - creates a fresh ``PROMETHEUS_MULTIPROC_DIR`` for this run, so that
   ``/metrics`` sums every worker (the parent serves it for gRPC on
-  ``AUTHSVC_METRICS_ADDR``; each sidecar worker serves the same sum), and marks
+  ``AUTHSVC_METRICS_ADDR``, for the sidecar on ``AUTHSVC_WEBHOOK_METRICS_ADDR``
+  when set; otherwise each sidecar worker serves the same sum), and marks
   dead workers there;
 - restarts a worker that dies, after a backoff that doubles while workers keep
   dying, and gives up (exit 1, one error line) when they die in a loop;
@@ -330,6 +331,9 @@ async def supervise(kind: Kind, run: WorkerRun, settings: Settings) -> int:
         directory = stack.enter_context(metrics_dir())
         if kind == "grpc":
             await stack.enter_async_context(metrics_server(settings.metrics_addr))
+        elif settings.webhook_metrics_addr:  # the sidecar's workers serve /metrics on its address otherwise
+            metrics = metrics_server(settings.webhook_metrics_addr, "AUTHSVC_WEBHOOK_METRICS_ADDR")
+            await stack.enter_async_context(metrics)
         supervisor = Supervisor(kind, run, settings, settings.workers, directory)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sys
@@ -11,9 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
+from authsvc.cli import main
 from authsvc.dev.events import Changes, merge
 from authsvc.dev.procs import ServerProcess, child_env, free_port, printed, run
+from authsvc.dev.run import session_claims
 from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from tests.conftest import WEBHOOK_SECRET
 
@@ -50,7 +54,9 @@ async def dev(tmp_path: Path) -> AsyncIterator[Dev]:
         process.stop()
 
 
-async def test_dev_flow_end_to_end(dev: Dev, tmp_path: Path) -> None:
+async def test_dev_flow_end_to_end(
+    dev: Dev, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     grpc_addr = dev.grpc_addr
     assert grpc_addr in dev.banner and "whsec_" in dev.banner
     assert "authsvc dev-webhook user.created --id user_1 --role superadmin" in dev.banner
@@ -108,6 +114,28 @@ async def test_dev_flow_end_to_end(dev: Dev, tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert json.loads(out)["role"] == "ROLE_ADMIN"
+
+    # Sessions, as the banner shows them: a token with Clerk's session claims, then its session revoked.
+    # (The console script's own code, run in this process: each child process costs seconds on a loaded machine.)
+    assert "authsvc dev-webhook session.revoked --id user_1 --sid sess_demo" in dev.banner
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTHSVC_DATA_DIR", str(tmp_path / ".data"))
+    argv = ["dev-token", "user_1", "--sid", "sess_demo", "--act", "user_support", "--fva", "3,0"]
+    assert await asyncio.to_thread(main, argv) == 0
+    demo = capsys.readouterr().out.strip()
+    async with grpc.aio.insecure_channel(grpc_addr) as channel:
+        stub = authsvc_pb2_grpc.AuthServiceStub(channel)
+        reply = await stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=demo))
+        fva = json_format.MessageToDict(reply.claims)["fva"]
+        assert (reply.session_id, reply.actor, fva) == ("sess_demo", "user_support", [3, 0])
+        argv = ["dev-webhook", "session.revoked", "--id", "user_1", "--sid", "sess_demo"]
+        assert await asyncio.to_thread(main, argv) == 0
+        assert json.loads(capsys.readouterr().out.split(" ", 1)[1]) == {"status": "applied"}
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            for _ in range(100):  # the revocation reaches the set within moments (the 1 s bound is tested elsewhere)
+                await stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=demo))
+                await asyncio.sleep(0.01)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (refused.value.details() or "")
 
     assert dev.process.stop(signal.SIGINT) == 0  # Ctrl-C
     err = dev.process.output()
@@ -202,3 +230,19 @@ def test_merge_keeps_the_other_half_of_the_name() -> None:
     merged, kept = merge(Changes(first_name="Grace", last_name="Hopper", email="g@example.com"), held)
     assert merged == Changes(role="staff", email="g@example.com", first_name="Grace", last_name="Hopper")
     assert kept == ["role staff"]
+
+
+def test_dev_webhook_session_end_needs_a_session_id(capsys: pytest.CaptureFixture[str]) -> None:
+    for event in ("session.revoked", "session.ended", "session.removed"):
+        with pytest.raises(SystemExit) as info:
+            main(["dev-webhook", event, "--id", "user_1"])
+        assert info.value.code == 2 and f"{event} needs --sid" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["dev-token", "user_1", "--fva", "3"])
+    assert info.value.code == 2 and "FIRST,SECOND" in capsys.readouterr().err
+
+
+def test_dev_token_session_claims() -> None:
+    claims = session_claims(actor="user_support", pending=True, fva=[3, -1])
+    assert (claims["act"]["sub"], claims["sts"], claims["fva"]) == ("user_support", "pending", [3, -1])
+    assert claims["act"]["sid"].startswith("sess_") and session_claims() == {}

@@ -23,6 +23,20 @@ from service.errors import status_of
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
         ),
+        (errors.SessionRevoked("x"), grpc.StatusCode.UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED, "SESSION_REVOKED"),
+        (errors.SessionPending("x"), grpc.StatusCode.UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED, "SESSION_PENDING"),
+        (
+            errors.ImpersonationNotAllowed("x"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            HTTPStatus.FORBIDDEN,
+            "IMPERSONATION_NOT_ALLOWED",
+        ),
+        (
+            errors.ReverificationRequired("x"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            HTTPStatus.FORBIDDEN,
+            "REVERIFICATION_REQUIRED",
+        ),
         (errors.RoleTooLow("x"), grpc.StatusCode.PERMISSION_DENIED, HTTPStatus.FORBIDDEN, "ROLE_TOO_LOW"),
         (
             errors.CallerUnauthenticated("x"),
@@ -77,6 +91,10 @@ def test_every_reason_of_the_design_exists() -> None:
         "CLERK_KEY_REFUSED",
         "CLERK_USER_NOT_FOUND",
         "CLERK_REJECTED",
+        "SESSION_PENDING",
+        "SESSION_REVOKED",
+        "IMPERSONATION_NOT_ALLOWED",
+        "REVERIFICATION_REQUIRED",
         "CALLER_UNAUTHENTICATED",
         "CALLER_NOT_ALLOWED",
     }

@@ -164,10 +164,6 @@ def ec_public_pem() -> str:
     ("env", "expected"),
     [
         (
-            {"MONGODB_URI": "mongodb://authsvc:hunter22@127.0.0.1:{port}/", "CLERK_FRONTEND_API_URL": "https://c.dev"},
-            ["cannot reach MongoDB at 127.0.0.1:{port}", "[Errno 111]"],
-        ),
-        (
             {"MONGODB_URI": "mongodb://authsvc:hunter22@db.example:99999/", "CLERK_FRONTEND_API_URL": "https://c.dev"},
             ["MONGODB_URI is malformed", "Port"],
         ),
@@ -178,7 +174,7 @@ def ec_public_pem() -> str:
         ({"CLERK_JWT_KEY": "-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----"}, ["CLERK_JWT_KEY"]),
         ({"CLERK_JWT_KEY": "EC"}, ["CLERK_JWT_KEY", "RSA"]),
     ],
-    ids=["unreachable", "bad-port", "bad-scheme", "garbage-pem", "ec-key"],
+    ids=["bad-port", "bad-scheme", "garbage-pem", "ec-key"],
 )
 async def test_grpc_startup_problem_is_one_line_exit_2(
     tmp_path: Path, env: dict[str, str], expected: list[str]

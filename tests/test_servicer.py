@@ -27,9 +27,11 @@ from authsvc_client.v1 import authsvc_pb2_grpc
 from service.access import RoleAdmin
 from service.database import durable_write_concern, make_client
 from service.embedded import EmbeddedMongo
+from service.revocations import RevokedSessions
 from service.roles import Role
 from service.server import GrpcBindError, start_server
 from service.servicer import AuthServicer
+from service.sessions import SessionRules
 from service.settings import Settings
 from service.tokens import TokenVerifier
 from service.users import UserStore
@@ -50,9 +52,10 @@ SA, SA2, ADMIN, STAFF, GONE = "user_sa", "user_sa2", "user_admin", "user_staff",
 
 
 def bare_servicer(settings: Settings, store: UserStore) -> AuthServicer:
-    """A servicer over a verifier that was never started (no composition root)."""
+    """A servicer over a verifier and revoked sessions that were never started (no composition root)."""
     verifier = TokenVerifier(settings)
-    return AuthServicer(store, verifier, store, RoleAdmin(store, verifier, None))
+    sessions = SessionRules(RevokedSessions(store.revoked_sessions))
+    return AuthServicer(store, verifier, store, RoleAdmin(store, verifier, None, sessions), sessions)
 
 
 @pytest.fixture

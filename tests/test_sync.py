@@ -19,7 +19,8 @@ from service.embedded import EmbeddedMongo
 from service.roles import Role
 from service.settings import Settings
 from service.sync import reconcile, run_sync
-from service.users import UserProfile, UserStore
+from service.users import MIRRORED_CHUNK, UserProfile, UserStore
+from tests.commands import watched_store
 from tests.fakeclerk import SECRET, FakeClerk, mirror
 
 AUTHSVC = str(Path(sys.executable).with_name("authsvc"))
@@ -304,3 +305,82 @@ async def test_one_weird_user_never_fails_a_page(
     assert stored == {u["id"] for u in users} - {users[4]["id"]}
     # Just-in-time and periodic repair read users through the same client.
     assert (await client.get_user(users[1]["id"]))["id"] == users[1]["id"]
+
+
+# --- the page write: one read, one unordered bulk write, decided per user ---------------------------
+async def test_each_page_is_one_read_and_one_bulk_write_and_role_changes_are_audited_in_bulk(
+    fake_clerk: FakeClerk, client: ClerkBackend, settings: Settings, mongo: EmbeddedMongo
+) -> None:
+    users = fake_clerk.add_users(1_000)
+    async with watched_store(mongo, settings.mongodb_db) as (store, commands):
+        assert (await reconcile(client, store)).created == 1_000
+        # Two pages: each one read (split into queries of MIRRORED_CHUNK ids) and one insert of 500.
+        assert commands.count("insert", "users") == 2 and commands.count("update", "users") == 0
+        assert commands.count("find", "users") == 2 * (500 // MIRRORED_CHUNK)
+
+        roles = {u["id"]: expected(u)["role"] for u in users}
+        promoted = [u["id"] for u in users[0:1_000:50]]  # 20 users over both pages
+        for user_id in promoted:
+            fake_clerk.update_user(user_id, role="superadmin" if roles[user_id] != "superadmin" else "staff")
+        for user in users[10:1_000:100]:
+            fake_clerk.update_user(user["id"], first_name="Renamed")
+        commands.sent.clear()
+        summary = await reconcile(client, store)
+        assert summary.line() == "listed 1000, created 0, updated 30, unchanged 970, stale 0, pruned 0"
+        # One update command and one audit insert per page, whatever the number of users in it.
+        assert commands.count("update", "users") == 2 and commands.count("insert", "users") == 0
+        assert commands.count("insert", "role_changes") == 2
+        audits = {(a["externalId"], a["from"], a["to"], a["by"], a["via"]) async for a in store.role_changes.find({})}
+        assert audits == {
+            (uid, roles[uid], "superadmin" if roles[uid] != "superadmin" else "staff", "clerk", "sync")
+            for uid in promoted
+        }
+
+
+async def test_a_user_changed_between_the_page_read_and_its_write_is_decided_per_user(store: UserStore) -> None:
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def clerk(uid: str, *, at: datetime = t0, role: Role = Role.STAFF, name: str = "Sync") -> UserProfile:
+        return UserProfile(uid, name, f"{uid}@example.com", role, True, at)
+
+    hour = timedelta(hours=1)
+    for uid in ("user_role_set", "user_newer", "user_deleted", "user_plain", "user_same"):
+        await store.upsert_from_clerk(clerk(uid))
+    page = [
+        clerk("user_created_older", at=t0 + hour),  # a webhook creates it (older, admin) after the read
+        clerk("user_created_newer", at=t0 + hour),  # a webhook creates it newer after the read
+        clerk("user_tombstone", at=t0 + hour),  # a user.deleted arrives first, after the read
+        clerk("user_role_set", at=t0 + hour, role=Role.ADMIN),  # SetRole makes it superadmin after the read
+        clerk("user_newer", at=t0 + hour, role=Role.ADMIN),  # a newer webhook after the read
+        clerk("user_deleted", at=t0 + hour),  # deleted after the read
+        clerk("user_plain", at=t0 + hour, role=Role.ADMIN),  # nothing happens meanwhile
+        clerk("user_new", at=t0 + hour),  # nothing happens meanwhile
+        clerk("user_same"),  # mirrored already
+    ]
+    read = await store.mirrored([p.external_id for p in page])
+    # Meanwhile, other writers:
+    await store.upsert_from_clerk(clerk("user_created_older", role=Role.ADMIN, name="Webhook"), "msg_1")
+    await store.upsert_from_clerk(clerk("user_created_newer", at=t0 + 2 * hour, name="Webhook"), "msg_2")
+    await store.delete("user_tombstone")
+    await store.set_role("user_role_set", Role.SUPERADMIN, expected=Role.STAFF, by="user_admin")
+    await store.upsert_from_clerk(clerk("user_newer", at=t0 + 2 * hour, name="Webhook"), "msg_3")
+    await store.delete("user_deleted")
+    await store.role_changes.delete_many({})
+
+    outcomes = await store.upsert_page_from_clerk(page, read, via="sync")
+    assert [o.value for o in outcomes] == [
+        "updated", "stale", "stale", "updated", "stale", "stale", "updated", "created", "unchanged"
+    ]  # fmt: skip
+    names = {doc["externalId"]: doc.get("name") async for doc in store.users.find({})}
+    assert names["user_created_older"] == "Sync" and names["user_created_newer"] == "Webhook"
+    assert names["user_newer"] == "Webhook" and names["user_tombstone"] is None
+    assert (await store.get("user_deleted", include_tombstones=True)).deleted_at is not None  # type: ignore[union-attr]
+    role_set = await store.get("user_role_set")
+    assert role_set is not None and role_set.role is Role.ADMIN
+    # Each audit names the role the write really replaced, not the one the page read.
+    audits = {(a["externalId"], a["from"], a["to"], a["via"]) async for a in store.role_changes.find({})}
+    assert audits == {
+        ("user_created_older", "admin", "staff", "sync"),
+        ("user_role_set", "superadmin", "admin", "sync"),
+        ("user_plain", "staff", "admin", "sync"),
+    }

@@ -19,12 +19,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm
+from jwt.api_jws import PyJWS
+from jwt.exceptions import DecodeError
 
 from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service import errors
 from service.settings import Settings
-from service.tokens import MAX_TOKEN_BYTES, TokenVerifier
+from service.tokens import MAX_TOKEN_BYTES, SegmentDecoder, TokenVerifier
 from tests.issuer import LocalIssuer
 
 PARTY = "http://localhost:3000"
@@ -427,3 +431,40 @@ async def test_dev_issuer_key_is_created_once_and_served(tmp_path: Path, make_ve
         assert (await verifier.verify(again.mint("user_dev", issuer=url))).subject == "user_dev"
     finally:
         await runner.cleanup()
+
+
+# pyjwt's own check of a base64url segment, and the one authsvc decodes with: same answers for any bytes.
+_SEGMENT_BYTES = st.one_of(
+    st.binary(max_size=40),
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/.! \n", max_size=40).map(
+        str.encode
+    ),
+    st.binary(max_size=30).map(lambda b: base64.urlsafe_b64encode(b)),  # padded, canonical
+)
+
+
+@given(_SEGMENT_BYTES)
+def test_token_segments_decode_exactly_as_pyjwt_decodes_them(segment: bytes) -> None:
+    def outcome(decode: Callable[[bytes, str], bytes]) -> tuple[str, bytes | str]:
+        try:
+            return "ok", decode(segment, "payload")
+        except DecodeError as exc:
+            return "error", str(exc)
+
+    assert outcome(SegmentDecoder._decode_base64url_segment) == outcome(PyJWS._decode_base64url_segment)
+
+
+async def test_a_token_whose_segments_are_not_canonical_base64url_is_malformed(
+    issuer: LocalIssuer, make_verifier: MakeVerifier
+) -> None:
+    verifier = await make_verifier(settings_for(issuer, jwt_key=issuer.current.public_pem()))
+    token = issuer.mint("user_1", azp=PARTY)
+    head, payload, signature = token.split(".")
+    malformed = [
+        f"{head}.{payload}.{signature[:-1]}!",  # a character outside base64url
+        f"{head}.{payload}!.{signature}",
+        f"{head}.{payload}===.{signature}",  # more padding than base64 has
+    ]
+    for bad in malformed:
+        await rejects(verifier, bad, errors.TokenMalformed, "TOKEN_MALFORMED")
+    assert (await verifier.verify(token)).subject == "user_1"

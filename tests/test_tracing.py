@@ -39,10 +39,12 @@ from service.gauges import GaugeTicker
 from service.logs import request_id
 from service.metrics import jwks_age
 from service.otel import FLUSH_S
+from service.revocations import RevokedSessions
 from service.roles import Role
 from service.rpclog import RpcLog
 from service.server import start_server
 from service.servicer import AuthServicer
+from service.sessions import SessionRules
 from service.settings import Settings
 from service.tokens import TokenVerifier
 from service.users import UserStore
@@ -455,7 +457,9 @@ async def test_log_rpcs_off_still_reports_an_internal_failure_with_its_traceback
     # A verifier that was never started fails with a RuntimeError (a bug, not an AuthError) when it needs keys.
     unstarted = issuer_settings(settings, issuer, log_rpcs="off")
     verifier = TokenVerifier(unstarted)
-    servicer = AuthServicer(store, verifier, store, RoleAdmin(store, verifier, None), RpcLog("off"))
+    sessions = SessionRules(RevokedSessions(store.revoked_sessions))
+    roles = RoleAdmin(store, verifier, None, sessions)
+    servicer = AuthServicer(store, verifier, store, roles, sessions, RpcLog("off"))
     server = await start_server(unstarted, servicer, store.ping)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

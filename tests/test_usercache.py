@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient, monitoring
 
 from service.database import Database, Document, durable_write_concern, make_client
-from service.embedded import EmbeddedMongo
-from service.errors import DatabaseUnavailable
+from service.dbmonitor import DatabaseMonitor
 from service.roles import Role
 from service.settings import Settings
 from service.usercache import UserCache
@@ -56,12 +56,23 @@ async def open_store(
     return store, client
 
 
+@contextlib.asynccontextmanager
+async def following(store: UserStore, **options: Any) -> AsyncIterator[UserCache]:
+    """A cache over ``store`` with its own database monitor, following the change stream."""
+    monitor = DatabaseMonitor(store.users.database)
+    monitor.start()
+    cache = UserCache(store, monitor, **options)
+    await cache.start()
+    try:
+        await eventually(lambda: is_live(cache))
+        yield cache
+    finally:
+        await cache.close()
+        await monitor.close()
+
+
 async def is_live(cache: UserCache) -> bool:
     return cache.live
-
-
-async def is_down(cache: UserCache) -> bool:
-    return not cache.live
 
 
 @dataclass
@@ -77,11 +88,8 @@ async def live(settings: Settings, database: Database) -> AsyncIterator[Live]:
     assert settings.mongodb_uri
     finds = FindCounter()
     store, client = await open_store(settings.mongodb_uri, settings.mongodb_db, finds)
-    cache = UserCache(store)
-    await cache.start()
-    await eventually(lambda: is_live(cache))
-    yield Live(cache, finds)
-    await cache.close()
+    async with following(store) as cache:
+        yield Live(cache, finds)
     await client.close()
 
 
@@ -124,34 +132,7 @@ async def test_a_write_from_elsewhere_is_seen_within_moments(live: Live, store: 
 
 async def test_tombstones_only_when_asked(store: UserStore) -> None:
     await store.delete("user_ghost")
-    cache = UserCache(store)
-    await cache.start()
-    try:
+    async with following(store) as cache:
         assert await cache.get("user_ghost") is None
         ghost = await cache.get("user_ghost", include_tombstones=True)
         assert ghost is not None and ghost.erased and not ghost.is_active
-    finally:
-        await cache.close()
-
-
-async def test_database_outage_is_never_answered_from_memory(tmp_path: Path) -> None:
-    mongo = EmbeddedMongo(tmp_path / "mongo")
-    await mongo.start()
-    store, client = await open_store(mongo.uri, "cache")
-    cache = UserCache(store, retry_s=0.2)
-    await cache.start()
-    try:
-        await seed(store, "user_1")
-        await eventually(lambda: is_live(cache))
-        assert await cache.get("user_1") is not None
-        mongo.stop()
-        await eventually(lambda: is_down(cache), timeout_s=15)
-        with pytest.raises(DatabaseUnavailable):
-            await cache.get("user_1")
-        await mongo.start()
-        await eventually(lambda: is_live(cache), timeout_s=15)
-        assert await cache.get("user_1") is not None
-    finally:
-        await cache.close()
-        await client.close()
-        mongo.stop()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+from service.embedded import EmbeddedMongo
 from service.roles import Role
+from service.settings import Settings
 from service.users import Outcome, UserProfile, UserStore
+from tests.commands import watched_store
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -102,6 +105,24 @@ async def test_ledger_records_once(store: UserStore) -> None:
     assert await store.record_delivery("msg_1", "user.created", "user_1", Outcome.APPLIED)
     assert not await store.record_delivery("msg_1", "user.created", "user_1", Outcome.APPLIED)
     assert await store.events.count_documents({"_id": "msg_1"}) == 1
+
+
+async def test_ledger_entries_of_concurrent_deliveries_are_written_together_each_told_its_own_fate(
+    mongo: EmbeddedMongo, settings: Settings
+) -> None:
+    async with watched_store(mongo, settings.mongodb_db) as (store, commands):
+        # 60 deliveries at once, two of each svix-id: exactly one of each pair is recorded.
+        ids = [f"msg_{i % 30}" for i in range(60)]
+        recorded = await asyncio.gather(
+            *(store.record_delivery(i, "user.updated", "user_1", Outcome.APPLIED) for i in ids)
+        )
+        assert sorted(i for i, first in zip(ids, recorded, strict=True) if first) == sorted(set(ids))
+        assert await store.events.count_documents({}) == 30
+        # Entries that arrive while a write is under way wait for it and go in the next one, together.
+        assert 1 <= commands.count("insert", "webhook_events") <= 3
+        # Later, alone: recorded, then a duplicate.
+        assert await store.record_delivery("msg_late", "user.updated", "user_1", Outcome.STALE)
+        assert not await store.record_delivery("msg_late", "user.updated", "user_1", Outcome.STALE)
 
 
 async def test_redelivery_of_the_latest_event_changes_nothing(store: UserStore) -> None:

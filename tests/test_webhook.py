@@ -356,7 +356,9 @@ class Outage:
 async def outage(settings: Settings, tmp_path: Path) -> AsyncIterator[Outage]:
     mongo = EmbeddedMongo(tmp_path / "private-mongo")
     await mongo.start()
-    settings = settings.model_copy(update=dict(mongodb_uri=mongo.uri))
+    # Writes give up on a dead database after 2 s here, not authsvc's 10 s (meant to ride out an election):
+    # options in the URI win.
+    settings = settings.model_copy(update=dict(mongodb_uri=f"{mongo.uri}&serverSelectionTimeoutMS=2000"))
     database = await open_test_database(settings)
     store = UserStore(database.db, write_concern=database.write_concern)
     await store.ensure_indexes()

@@ -237,6 +237,9 @@ async def test_two_workers_serve_and_metrics_count_every_call_exactly(grpc_paren
     assert len(pids) == 2 and all(count > 0 for count in per_worker), per_worker
     total = sum(v for (n, _), v in after.items() if n == handled)
     assert total == sum(per_worker)
+    # Gauges are never summed: the database is up for every worker (the minimum), the cache fresh (the maximum).
+    assert after[("authsvc_database_up", ())] == 1
+    assert after[("authsvc_user_cache_stale_seconds", ())] < 5
 
 
 async def test_a_killed_worker_is_restarted_and_calls_keep_succeeding(grpc_parent: Parent, issuer: LocalIssuer) -> None:
@@ -302,15 +305,21 @@ async def test_a_second_authsvc_grpc_on_the_same_address_exits_2(grpc_parent: Pa
     assert grpc_parent.stop() == 0
 
 
-async def test_workers_that_cannot_reach_the_database_exit_2_with_one_line(tmp_path: Path) -> None:
+async def test_workers_start_without_the_database_and_say_so(tmp_path: Path) -> None:
     parent = Parent(
         "grpc", tmp_path, MONGODB_URI=f"mongodb://127.0.0.1:{free_port()}", CLERK_FRONTEND_API_URL="http://127.0.0.1:9"
     )
     parent.start()
-    assert parent.proc is not None
-    assert await asyncio.to_thread(parent.proc.wait, 60) == 2
-    lines = [line for line in parent.log.read_text().splitlines() if not line.startswith("{")]
-    assert len(lines) == 1 and lines[0].startswith("authsvc: cannot reach MongoDB"), lines
+    try:
+        await parent.wait_serving(2)  # listening, waiting for the database
+        reply = await fresh_call(parent.addr, lambda ch: health_check(ch)(health_pb2.HealthCheckRequest(), timeout=5))
+        assert isinstance(reply, health_pb2.HealthCheckResponse)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        samples = await scrape(f"http://127.0.0.1:{parent.metrics_port}/metrics")
+        assert samples[("authsvc_database_up", ())] == 0
+        assert len(parent.events("database unreachable; retrying")) >= 2  # both workers, one line per attempt
+    finally:
+        assert parent.stop() == 0
 
 
 def test_restarts_back_off_then_give_up_when_workers_die_in_a_loop() -> None:
@@ -342,12 +351,17 @@ async def test_sidecar_workers_count_deliveries_by_type_and_outcome(mongo: Embed
         CLERK_WEBHOOK_SECRET=WEBHOOK_SECRET,
         AUTHSVC_LOG_LEVEL="info",
     )
+    # /metrics off the public address: the parent serves the workers' sum there (AUTHSVC_WEBHOOK_METRICS_ADDR).
+    parent.env["AUTHSVC_WEBHOOK_METRICS_ADDR"] = f"127.0.0.1:{parent.metrics_port}"
     parent.start()
     try:
         await parent.wait_serving(2)
         base = f"http://{parent.addr}"
         url = f"{base}/clerk-users-webhook"
-        before = await scrape(f"{base}/metrics")
+        metrics_url = f"http://127.0.0.1:{parent.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as response:
+            assert response.status == 404
+        before = await scrape(metrics_url)
         outcomes: list[str] = []
         for i in range(12):
             # A new connection per delivery: the kernel spreads them over both workers.
@@ -362,8 +376,8 @@ async def test_sidecar_workers_count_deliveries_by_type_and_outcome(mongo: Embed
                     login = clerk_event("session.created", f"user_nobody{i}")
                     outcomes.append(await post(session, url, login, f"msg_s{i}", WEBHOOK_SECRET))
         assert sorted(set(outcomes)) == ["applied", "duplicate", "http 401", "ignored"]
-        after = await scrape(f"{base}/metrics")  # any worker answers with the sum of both
-        again = await scrape(f"{base}/metrics")
+        after = await scrape(metrics_url)
+        again = await scrape(metrics_url)
         name = "authsvc_webhook_deliveries_total"
         assert delta(before, after, name, type="user.created", outcome="applied") == 12
         assert delta(before, after, name, type="user.created", outcome="duplicate") == 3
@@ -371,6 +385,7 @@ async def test_sidecar_workers_count_deliveries_by_type_and_outcome(mongo: Embed
         assert delta(before, after, name, type="session.created", outcome="ignored") == 5
         assert delta(before, after, "authsvc_webhook_delivery_seconds_count") == len(outcomes)
         assert delta(after, again, name) == 0
+        assert after[("authsvc_database_up", ())] == 1  # the minimum over workers, never a sum
         pids = parent.serving_pids()
         assert all(parent.worker_counts(pid, name) > 0 for pid in pids), pids
     finally:

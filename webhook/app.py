@@ -13,55 +13,27 @@ import time
 from http import HTTPStatus
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from service import exposition
-from service.errors import AuthError, InvalidArgument, PayloadTooLarge, status_of
+from service.dbmonitor import DatabaseMonitor
+from service.errors import AuthError, status_of
 from service.logs import REQUEST_ID_HEADER, fields, request_id
 from service.metrics import WEBHOOK_DELIVERIES, WEBHOOK_DELIVERY_SECONDS
 from service.settings import Settings
 from service.tracing import annotate
 from service.users import UserStore
+from webhook.body import MAX_BODY, BodyTimeout, ClientGone, read_body
 from webhook.deliveries import apply, plan
 from webhook.events import parse_event
+from webhook.limits import Limits
 from webhook.signatures import SignatureVerifier, header
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1024 * 1024  # 1 MiB
-
 STORE = web.AppKey("store", UserStore)
+DATABASE = web.AppKey("database", DatabaseMonitor)  # set by the composition root: /readyz follows it
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its whole body arrived: nothing to answer."""
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The raw (decompressed) body.
-
-    Refused with :class:`PayloadTooLarge` past :data:`MAX_BODY` (also when a
-    ``Content-Encoding`` inflates past it), :class:`InvalidArgument` when a
-    ``Content-Encoding`` (gzip, deflate, br) does not decode; raises
-    :class:`ClientGone` when the client disconnects mid-body.
-    """
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise PayloadTooLarge("body over 1 MiB")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge("body over 1 MiB") from exc
-    except (web.RequestPayloadError, HttpProcessingError) as exc:
-        # aiohttp decompresses while reading: a body that is not what its
-        # Content-Encoding says (or an encoding it cannot decode) ends here.
-        # Mark the body consumed, or aiohttp's lingering read after our 400
-        # meets the same error again and logs it as unhandled.
-        request.content.feed_eof()
-        request.protocol.close()  # the rest of this stream is unusable: no keep-alive
-        raise InvalidArgument("body does not decode per its Content-Encoding") from exc
-    except ConnectionResetError as exc:
-        raise ClientGone("client disconnected mid-body") from exc
+LIMITS = web.AppKey("limits", Limits)
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -73,8 +45,9 @@ async def receive(request: web.Request) -> web.Response:
         "type": None,
         "externalId": None,
     }
+    body: bytes | None = None
     try:
-        body = await read_body(request)
+        body = await read_body(request, request.app[LIMITS].body_timeout_s)
         svix_id = request.app[VERIFIER].verify(body, request.headers)
         delivery = plan(svix_id, parse_event(body))
         line.update(type=delivery.type, externalId=delivery.external_id)
@@ -85,6 +58,9 @@ async def receive(request: web.Request) -> web.Response:
         status = status_of(exc)[1]
         payload = {"error": str(exc)}
         line.update(outcome="rejected", reason=exc.reason, error=str(exc))
+    except BodyTimeout as exc:
+        status, payload = HTTPStatus.REQUEST_TIMEOUT, {"error": str(exc)}
+        line.update(outcome="rejected", error=str(exc))
     except ClientGone:
         # A client going away is not a server error: no traceback, nothing counted as one.
         line.update(outcome="client_gone", duration_ms=round((time.perf_counter() - started) * 1000, 2))
@@ -102,7 +78,10 @@ async def receive(request: web.Request) -> web.Response:
     WEBHOOK_DELIVERY_SECONDS.observe(elapsed)
     line.update(status=int(status), duration_ms=round(elapsed * 1000, 2))
     log.info("webhook delivery", extra=fields(**line))
-    return web.json_response(payload, status=status)
+    response = web.json_response(payload, status=status)
+    if body is None:
+        response.force_close()  # a body refused (too large, undecodable, late) is never read further
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -110,18 +89,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[STORE].ping():
+    monitor = request.app.get(DATABASE)
+    if monitor.up if monitor is not None else await request.app[STORE].ping():
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "database unavailable"}, status=HTTPStatus.SERVICE_UNAVAILABLE)
+    # A public probe: ready or not, nothing about why.
+    return web.json_response({"status": "not ready"}, status=HTTPStatus.SERVICE_UNAVAILABLE)
 
 
-def create_app(settings: Settings, store: UserStore) -> web.Application:
-    """The sidecar's application; the caller owns ``store`` (and closes it)."""
+def create_app(settings: Settings, store: UserStore, limits: Limits) -> web.Application:
+    """The sidecar's application; the caller owns ``store`` (and closes it).
+
+    ``GET /metrics`` is served here unless ``AUTHSVC_WEBHOOK_METRICS_ADDR`` moves it off this address.
+    """
     app = web.Application(client_max_size=MAX_BODY)
     app[STORE] = store
     app[VERIFIER] = SignatureVerifier(settings.webhook_secrets)
+    app[LIMITS] = limits
     app.router.add_post(settings.webhook_path, receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get(exposition.PATH, exposition.metrics)
+    if not settings.webhook_metrics_addr:
+        app.router.add_get(exposition.PATH, exposition.metrics)
     return app

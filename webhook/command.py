@@ -24,6 +24,7 @@ WEBHOOK = Command(
         "webhook_path",
         "delete_mode",
         "workers",
+        "webhook_metrics_addr",
         "sync_interval_s",
         "clerk_secret_key",
         "clerk_api_url",

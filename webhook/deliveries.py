@@ -11,8 +11,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from service.revocations import revoke
 from service.users import Outcome, UserStore
-from webhook.events import USER_EVENTS, ClerkEvent, deleted_id, login_from_event, profile_from_event
+from webhook.events import (
+    SESSION_END_EVENTS,
+    USER_EVENTS,
+    ClerkEvent,
+    deleted_id,
+    login_from_event,
+    profile_from_event,
+    revocation_from_event,
+)
 
 Effect = Callable[[UserStore], Awaitable[Outcome]]
 
@@ -52,6 +61,13 @@ def plan(svix_id: str, event: ClerkEvent) -> Delivery:
         async def effect(store: UserStore) -> Outcome:
             return await store.record_login(user_id, at)
 
+    elif event.type in SESSION_END_EVENTS:
+        revocation = revocation_from_event(event)
+        external_id = revocation.user_id
+
+        async def effect(store: UserStore) -> Outcome:
+            return await revoke(store.revoked_sessions, revocation, svix_id)
+
     return Delivery(svix_id=svix_id, type=event.type, external_id=external_id, effect=effect)
 
 
@@ -60,7 +76,7 @@ async def apply(store: UserStore, delivery: Delivery) -> Outcome:
 
     No ledger read comes first: every effect is a conditional write that a
     redelivery cannot repeat (user writes are guarded by ``lastSvixId``, a
-    delete is terminal, a login only moves forward), and the ledger insert
+    delete is terminal, a login only moves forward, a session is revoked once), and the ledger insert
     after it decides. Of two concurrent deliveries of one svix-id, the one
     whose ledger insert lands first answers the effect's outcome; the other ``duplicate``.
     """

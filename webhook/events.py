@@ -13,9 +13,11 @@ from typing import Any
 from service import clerkjson
 from service.clerkuser import clerk_id, from_millis, profile_of, text
 from service.errors import InvalidEvent
+from service.revocations import Revocation
 from service.users import UserProfile
 
 USER_EVENTS = frozenset({"user.created", "user.updated"})
+SESSION_END_EVENTS = frozenset({"session.ended", "session.removed", "session.revoked"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +79,20 @@ def login_from_event(event: ClerkEvent) -> tuple[str, datetime]:
     if event.timestamp is not None:
         return user_id, event.timestamp
     raise InvalidEvent("data.created_at or timestamp is required")
+
+
+def revocation_from_event(event: ClerkEvent) -> Revocation:
+    """The session a ``session.ended``/``.removed``/``.revoked`` event ends (``data`` is the session object).
+
+    ``data.id`` (the tokens' ``sid``) and ``data.user_id`` are required;
+    ``data.status`` defaults to the event's own word, ``data.expire_at`` (ms) is optional.
+    """
+    data = event.data
+    raw_status = data.get("status")
+    raw_expiry = data.get("expire_at")
+    return Revocation(
+        session_id=clerk_id(data.get("id"), "data.id"),
+        user_id=clerk_id(data.get("user_id"), "data.user_id"),
+        status=event.type.partition(".")[2] if raw_status is None else text(raw_status, "data.status", max_len=64),
+        expire_at=None if raw_expiry is None else from_millis(raw_expiry, "data.expire_at"),
+    )

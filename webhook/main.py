@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -9,44 +10,65 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 
 from service.clerkapi import ClerkBackend
+from service.dbmonitor import DatabaseMonitor
+from service.exposition import metrics_server
 from service.logs import fields
 from service.repair import Repairer
 from service.settings import Settings
-from service.startup import StartupError, split_addr, until_signalled, user_store
+from service.startup import StartupError, served_database, split_addr, until_signalled
 from service.tracing import traced
 from service.users import UserStore
-from webhook.app import create_app
+from webhook.app import DATABASE, create_app
+from webhook.limits import Limits, descriptor_budget, quiet_accept_errors, start_site
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
 async def sidecar(
-    settings: Settings, store: UserStore, routes: Sequence[web.RouteDef] = (), *, reuse_port: bool = False
+    settings: Settings,
+    store: UserStore,
+    routes: Sequence[web.RouteDef] = (),
+    *,
+    worker: bool = False,
+    limits: Limits | None = None,
+    monitor: DatabaseMonitor | None = None,
 ) -> AsyncIterator[int]:
     """Serve the sidecar on ``AUTHSVC_WEBHOOK_ADDR`` until the block exits; yields the bound port.
 
-    ``reuse_port`` (``SO_REUSEPORT``) only for the workers of one ``authsvc webhook``.
+    ``worker``: one of the workers of one ``authsvc webhook``, sharing the
+    address (``SO_REUSEPORT``); their parent serves ``AUTHSVC_WEBHOOK_METRICS_ADDR``.
+    ``limits``: the contract's (:class:`Limits`) unless a test passes smaller ones.
+    ``monitor`` (the database's, from :func:`service.startup.served_database`) answers ``/readyz``;
+    without one, ``/readyz`` pings.
     """
-    app = create_app(settings, store)
+    limits = descriptor_budget(limits or Limits())
+    app = create_app(settings, store, limits)
+    if monitor is not None:
+        app[DATABASE] = monitor
     app.add_routes(list(routes))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(runner.cleanup)
+        if settings.webhook_metrics_addr and not worker:
+            metrics = metrics_server(settings.webhook_metrics_addr, "AUTHSVC_WEBHOOK_METRICS_ADDR")
+            await stack.enter_async_context(metrics)
+        stack.enter_context(quiet_accept_errors())
         host, port = split_addr(settings.webhook_addr)
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         try:
-            await site.start()
+            await start_site(runner, host, port, limits, reuse_port=worker)
         except OSError as exc:
             raise StartupError(f"cannot listen on {settings.webhook_addr}: {exc.strerror}") from exc
         bound: int = runner.addresses[0][1] if runner.addresses else port
         log.info("webhook sidecar listening", extra=fields(addr=f"{host}:{bound}", path=settings.webhook_path))
-        await _periodic_repair(settings, store, stack)
+        await _periodic_repair(settings, store, stack, monitor)
         yield bound
 
 
-async def _periodic_repair(settings: Settings, store: UserStore, stack: contextlib.AsyncExitStack) -> None:
+async def _periodic_repair(
+    settings: Settings, store: UserStore, stack: contextlib.AsyncExitStack, monitor: DatabaseMonitor | None
+) -> None:
     """With ``AUTHSVC_SYNC_INTERVAL_S`` and ``CLERK_SECRET_KEY``: reconcile from Clerk on that interval."""
     if not settings.sync_interval_s:
         return
@@ -56,8 +78,17 @@ async def _periodic_repair(settings: Settings, store: UserStore, stack: contextl
     clerk = ClerkBackend(settings.clerk_api_url, settings.clerk_secret_key)
     stack.push_async_callback(clerk.close)
     repairer = Repairer(store, clerk, settings.sync_interval_s)
-    await repairer.start()
     stack.push_async_callback(repairer.close)
+    if monitor is None or monitor.up:
+        await repairer.start()
+        return
+
+    async def once_reachable() -> None:  # a sidecar started without its database repairs once it has one
+        await monitor.wait_up()
+        await repairer.start()
+
+    waiting = asyncio.create_task(once_reachable(), name="periodic-repair-start")
+    stack.callback(waiting.cancel)
 
 
 async def run_webhook(settings: Settings, *, worker: bool = False, on_ready: Callable[[], None] | None = None) -> None:
@@ -68,7 +99,11 @@ async def run_webhook(settings: Settings, *, worker: bool = False, on_ready: Cal
     when OpenTelemetry's variables say so (set up first: the instrumentations
     must see the database client and the application being made).
     """
-    async with traced("authsvc-webhook"), user_store(settings) as store, sidecar(settings, store, reuse_port=worker):
+    async with (
+        traced("authsvc-webhook"),
+        served_database(settings) as database,
+        sidecar(settings, database.store, monitor=database.monitor, worker=worker),
+    ):
         if on_ready is not None:
             on_ready()
-        await until_signalled()
+        await until_signalled(database)

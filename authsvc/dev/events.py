@@ -29,8 +29,9 @@ def clerk_event(
     first_name: str | None = None,
     last_name: str | None = None,
     now_ms: int | None = None,
+    session_id: str | None = None,
 ) -> dict[str, Any]:
-    """A Clerk webhook body of ``event_type`` shaped as Clerk sends it."""
+    """A Clerk webhook body of ``event_type`` shaped as Clerk sends it (``session_id``: the ``session.*`` sid)."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     envelope: dict[str, Any] = {
         "object": "event",
@@ -41,12 +42,15 @@ def clerk_event(
     }
     if event_type == "user.deleted":
         envelope["data"] = {"object": "user", "id": user_id, "deleted": True}
-    elif event_type == "session.created":
+    elif event_type.startswith("session."):
+        # session.created is active; session.revoked/ended/removed carry the session in its final status.
+        status = "active" if event_type == "session.created" else event_type.partition(".")[2]
         envelope["data"] = {
             "object": "session",
-            "id": f"sess_{uuid.uuid4().hex[:24]}",
+            "id": session_id or f"sess_{uuid.uuid4().hex[:24]}",
             "user_id": user_id,
-            "status": "active",
+            "status": status,
+            "expire_at": now + 7 * 24 * 3600 * 1000,
             "created_at": now,
             "updated_at": now,
         }
@@ -148,7 +152,9 @@ def merge(changes: Changes, held: authsvc_pb2.User) -> tuple[Changes, list[str]]
     return merged, kept
 
 
-async def send_dev_event(settings: Settings, event_type: str, user_id: str, changes: Changes) -> int:
+async def send_dev_event(
+    settings: Settings, event_type: str, user_id: str, changes: Changes, *, session_id: str | None = None
+) -> int:
     """``authsvc dev-webhook``: build the event and send it to the running dev sidecar.
 
     ``user.updated`` sends what is given on top of the user the dev service
@@ -191,5 +197,6 @@ async def send_dev_event(settings: Settings, event_type: str, user_id: str, chan
         email=changes.email,
         first_name=changes.first_name,
         last_name=changes.last_name,
+        session_id=session_id,
     )
     return await send_event(settings, event)

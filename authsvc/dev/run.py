@@ -16,12 +16,13 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from authsvc.dev.issuer import DevIssuer, jwks_routes
 from service.app import grpc_service
 from service.embedded import private_directory
 from service.settings import Settings
-from service.startup import StartupError, split_addr, until_signalled, user_store
+from service.startup import StartupError, served_database, split_addr, until_signalled
 from service.tracing import traced
 from webhook.main import sidecar
 
@@ -91,6 +92,12 @@ In another terminal (from the repository: source .venv/bin/activate):
       {grpc_addr} authsvc.v1.AuthService/SetRole
   grpcurl -plaintext {grpc_addr} grpc.health.v1.Health/Check
 
+Revoke a session (its tokens are refused from then on, everywhere):
+
+  DEMO=$(authsvc dev-token user_1 --sid sess_demo)
+  authsvc dev-webhook session.revoked --id user_1 --sid sess_demo
+  grpcurl -plaintext -d "{{\\"token\\": \\"$DEMO\\"}}" {grpc_addr} authsvc.v1.AuthService/VerifyToken
+
 Ctrl-C stops it; data stays in {state["data_dir"]}.
 """
 
@@ -115,9 +122,9 @@ async def run(settings: Settings) -> None:
     )
     async with (
         traced("authsvc-dev") as tracing,
-        user_store(settings) as store,
-        sidecar(settings, store, jwks_routes(issuer)),
-        grpc_service(settings, store, tracing=tracing) as service,
+        served_database(settings) as database,
+        sidecar(settings, database.store, jwks_routes(issuer), monitor=database.monitor),
+        grpc_service(settings, database.store, monitor=database.monitor, tracing=tracing) as service,
     ):
         state = {
             "issuer": issuer_url,
@@ -130,15 +137,35 @@ async def run(settings: Settings) -> None:
         }
         _write_private(directory / "dev.json", json.dumps(state, indent=2))
         print(banner(state), flush=True)
-        await until_signalled()
+        await until_signalled(database)
 
 
-def print_token(settings: Settings, subject: str, *, ttl_s: int = 3600) -> int:
-    """Print a session token for ``subject`` signed by the development issuer."""
+def session_claims(*, actor: str | None = None, pending: bool = False, fva: list[int] | None = None) -> dict[str, Any]:
+    """Clerk's session claims for ``dev-token``: ``act`` (impersonated by ``actor``), ``sts`` and ``fva``."""
+    claims: dict[str, Any] = {}
+    if actor is not None:
+        claims["act"] = {"iss": "https://dashboard.clerk.com", "sid": f"sess_{secrets.token_hex(12)}", "sub": actor}
+    if pending:
+        claims["sts"] = "pending"
+    if fva is not None:
+        claims["fva"] = fva
+    return claims
+
+
+def print_token(
+    settings: Settings,
+    subject: str,
+    *,
+    ttl_s: int = 3600,
+    session_id: str | None = None,
+    claims: dict[str, Any] | None = None,
+) -> int:
+    """Print a session token for ``subject`` (with ``session_id`` and more ``claims``) signed by the dev issuer."""
     directory = dev_dir(settings)
     if not (directory / "issuer-key.pem").is_file():
         print(f"authsvc: no development issuer under {directory}; run `authsvc dev` first", file=sys.stderr)
         return 1
     issuer = DevIssuer.load_or_create(directory)
-    print(issuer.mint(subject, issuer=state_of(settings)["issuer"], azp=DEV_AZP, ttl_s=ttl_s))
+    issuer_url = state_of(settings)["issuer"]
+    print(issuer.mint(subject, issuer=issuer_url, azp=DEV_AZP, ttl_s=ttl_s, session_id=session_id, extra=claims))
     return 0

@@ -8,6 +8,15 @@ another writer. Nothing is cached here: every answer is the server's, so a
 role change, a ban or a delete is seen by the next call. When the calling
 service uses OpenTelemetry, each call carries its current trace context
 (:mod:`authsvc_client.tracecontext`).
+
+The target is any gRPC target: ``host:port``, ``dns:///host:port``,
+``ipv4:10.0.0.1:50051,10.0.0.2:50051``. A target that names several servers
+(a ``dns:`` name, for a Kubernetes headless Service, or an ``ipv4:``/``ipv6:``
+list) is balanced: ``round_robin`` over every address, with gRPC client-side
+health checking on ``authsvc.v1.AuthService``, so a replica that reports
+``NOT_SERVING`` (draining on SIGTERM) gets no new calls. A plain
+``host:port`` (a ClusterIP Service) keeps one connection, which the server
+ends after ``AUTHSVC_MAX_CONNECTION_AGE_S`` so it rebalances.
 """
 
 from __future__ import annotations
@@ -31,26 +40,41 @@ READ_METHODS = ("VerifyToken", "GetUser")
 KEY_METADATA = "x-authsvc-key"
 
 
-def service_config(attempts: int = DEFAULT_ATTEMPTS) -> str:
-    """The gRPC service config: retries with backoff on UNAVAILABLE for the read methods only."""
-    if attempts < 2:
-        return json.dumps({"methodConfig": []})
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": SERVICE, "method": method} for method in READ_METHODS],
-                    "retryPolicy": {
-                        "maxAttempts": attempts,
-                        "initialBackoff": "0.1s",
-                        "maxBackoff": "1s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
+# With several servers, a replaced one must be found again quickly: gRPC re-resolves a name only when a
+# connection fails or ends (at most every 30 s by default) and backs reconnections off up to 120 s.
+BALANCED_OPTIONS: list[tuple[str, str | int]] = [
+    ("grpc.dns_min_time_between_resolutions_ms", 5_000),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+
+def balanced(target: str) -> bool:
+    """True when ``target`` may name several servers: a ``dns:`` target, or an ``ipv4:``/``ipv6:`` list."""
+    scheme, _, rest = target.partition(":")
+    return scheme == "dns" or (scheme in ("ipv4", "ipv6") and "," in rest)
+
+
+def service_config(attempts: int = DEFAULT_ATTEMPTS, *, balance: bool = False) -> str:
+    """The gRPC service config: retries with backoff on UNAVAILABLE for the read methods only;
+    with ``balance``, ``round_robin`` over healthy servers (client-side health checking on AuthService)."""
+    config: dict[str, object] = {"methodConfig": []}
+    if attempts >= 2:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": SERVICE, "method": method} for method in READ_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    if balance:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": SERVICE}
+    return json.dumps(config)
 
 
 def _async_stub(channel: grpc.aio.Channel) -> authsvc_pb2_grpc.AuthServiceAsyncStub:
@@ -67,9 +91,10 @@ class AuthsvcClient:
 
     ``credentials`` selects TLS (``grpc.ssl_channel_credentials(...)``);
     without it the channel is plaintext. ``attempts`` bounds the tries of a
-    read call (1 disables retries). ``key`` is this service's caller key,
-    sent as ``x-authsvc-key`` metadata on every call when the server lists
-    its callers (``AUTHSVC_CALLERS_FILE``).
+    read call (1 disables retries). ``balance`` (default: :func:`balanced`
+    of the target) spreads calls ``round_robin`` over the healthy servers.
+    ``key`` is this service's caller key, sent as ``x-authsvc-key`` metadata
+    on every call when the server lists its callers (``AUTHSVC_CALLERS_FILE``).
     """
 
     def __init__(
@@ -79,12 +104,19 @@ class AuthsvcClient:
         credentials: grpc.ChannelCredentials | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         attempts: int = DEFAULT_ATTEMPTS,
+        balance: bool | None = None,
         key: str | None = None,
     ) -> None:
         self._target = target
         self._metadata: tuple[tuple[str, str], ...] = ((KEY_METADATA, key),) if key else ()
         self._credentials = credentials
-        self._options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config(attempts))]
+        balance = balanced(target) if balance is None else balance
+        self._options: list[tuple[str, str | int]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(attempts, balance=balance)),
+        ]
+        if balance:
+            self._options += BALANCED_OPTIONS
         self._channel: grpc.aio.Channel | None = None
         self._stub_: authsvc_pb2_grpc.AuthServiceAsyncStub | None = None
         self.timeout_s = timeout_s

@@ -49,7 +49,11 @@ class User:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who holds a verified session token: ``subject`` is the Clerk user id; ``user`` is None until synced."""
+    """Who holds a verified session token: ``subject`` is the Clerk user id; ``user`` is None until synced.
+
+    ``actor`` is the Clerk user id of whoever impersonates ``subject`` (the
+    token's ``act.sub``), None for a session that is not impersonated.
+    """
 
     subject: str
     session_id: str
@@ -57,6 +61,7 @@ class Identity:
     expires_at: datetime
     user: User | None
     claims: dict[str, Any] = field(default_factory=dict)
+    actor: str | None = None
 
     @property
     def role(self) -> Role | None:
@@ -72,4 +77,5 @@ class Identity:
             expires_at=message.expires_at.ToDatetime(tzinfo=UTC),
             user=User.from_proto(message.user) if message.HasField("user") else None,
             claims=json_format.MessageToDict(message.claims),
+            actor=message.actor or None,
         )

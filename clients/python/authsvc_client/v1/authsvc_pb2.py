@@ -26,25 +26,25 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/authsvc.proto\x12\nauthsvc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x04User\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x1e\n\x04role\x18\x04 \x01(\x0e\x32\x10.authsvc.v1.Role\x12\x11\n\tis_active\x18\x05 \x01(\x08\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_login_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x12VerifyTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\"\n\x08min_role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.Role\"\xcd\x01\n\x13VerifyTokenResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x10\x61uthorized_party\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04user\x18\x05 \x01(\x0b\x32\x10.authsvc.v1.User\x12\'\n\x06\x63laims\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"%\n\x0eGetUserRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\"E\n\x0eSetRoleRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.Role*Q\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_STAFF\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x12\x13\n\x0fROLE_SUPERADMIN\x10\x03\x32\xcf\x01\n\x0b\x41uthService\x12N\n\x0bVerifyToken\x12\x1e.authsvc.v1.VerifyTokenRequest\x1a\x1f.authsvc.v1.VerifyTokenResponse\x12\x37\n\x07GetUser\x12\x1a.authsvc.v1.GetUserRequest\x1a\x10.authsvc.v1.User\x12\x37\n\x07SetRole\x12\x1a.authsvc.v1.SetRoleRequest\x1a\x10.authsvc.v1.Userb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/authsvc.proto\x12\nauthsvc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x04User\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x1e\n\x04role\x18\x04 \x01(\x0e\x32\x10.authsvc.v1.Role\x12\x11\n\tis_active\x18\x05 \x01(\x08\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_login_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x12VerifyTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\"\n\x08min_role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.Role\"\xdc\x01\n\x13VerifyTokenResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x18\n\x10\x61uthorized_party\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04user\x18\x05 \x01(\x0b\x32\x10.authsvc.v1.User\x12\'\n\x06\x63laims\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\"%\n\x0eGetUserRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\"E\n\x0eSetRoleRequest\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.Role*Q\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_STAFF\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x12\x13\n\x0fROLE_SUPERADMIN\x10\x03\x32\xcf\x01\n\x0b\x41uthService\x12N\n\x0bVerifyToken\x12\x1e.authsvc.v1.VerifyTokenRequest\x1a\x1f.authsvc.v1.VerifyTokenResponse\x12\x37\n\x07GetUser\x12\x1a.authsvc.v1.GetUserRequest\x1a\x10.authsvc.v1.User\x12\x37\n\x07SetRole\x12\x1a.authsvc.v1.SetRoleRequest\x1a\x10.authsvc.v1.Userb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'authsvc_client.v1.authsvc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=751
-  _globals['_ROLE']._serialized_end=832
+  _globals['_ROLE']._serialized_start=766
+  _globals['_ROLE']._serialized_end=847
   _globals['_USER']._serialized_start=104
   _globals['_USER']._serialized_end=358
   _globals['_VERIFYTOKENREQUEST']._serialized_start=360
   _globals['_VERIFYTOKENREQUEST']._serialized_end=431
   _globals['_VERIFYTOKENRESPONSE']._serialized_start=434
-  _globals['_VERIFYTOKENRESPONSE']._serialized_end=639
-  _globals['_GETUSERREQUEST']._serialized_start=641
-  _globals['_GETUSERREQUEST']._serialized_end=678
-  _globals['_SETROLEREQUEST']._serialized_start=680
-  _globals['_SETROLEREQUEST']._serialized_end=749
-  _globals['_AUTHSERVICE']._serialized_start=835
-  _globals['_AUTHSERVICE']._serialized_end=1042
+  _globals['_VERIFYTOKENRESPONSE']._serialized_end=654
+  _globals['_GETUSERREQUEST']._serialized_start=656
+  _globals['_GETUSERREQUEST']._serialized_end=693
+  _globals['_SETROLEREQUEST']._serialized_start=695
+  _globals['_SETROLEREQUEST']._serialized_end=764
+  _globals['_AUTHSERVICE']._serialized_start=850
+  _globals['_AUTHSERVICE']._serialized_end=1057
 # @@protoc_insertion_point(module_scope)

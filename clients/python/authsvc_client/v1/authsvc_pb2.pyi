@@ -113,9 +113,12 @@ class VerifyTokenResponse(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     CLAIMS_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     session_id: _builtins.str
     authorized_party: _builtins.str
+    actor: _builtins.str
+    """act.sub of an impersonated session (the token has an act claim), else empty."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -131,10 +134,11 @@ class VerifyTokenResponse(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         user: Global___User | None = ...,
         claims: _struct_pb2.Struct | None = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "expires_at", b"expires_at", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorized_party", b"authorized_party", "claims", b"claims", "expires_at", b"expires_at", "session_id", b"session_id", "subject", b"subject", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "authorized_party", b"authorized_party", "claims", b"claims", "expires_at", b"expires_at", "session_id", b"session_id", "subject", b"subject", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
