@@ -253,6 +253,7 @@ async def test_grpc_calls_are_spans_under_the_callers_trace_with_database_clerk_
     assert lines[traces["stranger"]]["reason"] == "CALLER_UNAUTHENTICATED"
     assert len(lines[traces["denied"]]["request_id"]) == 16  # none given: a random one
     assert 0 <= gauges["authsvc_jwks_age_seconds"] < 30
+    assert (gauges["authsvc_database_up"], gauges["authsvc_user_cache_stale_seconds"]) == (1, 0)
     assert "authsvc_sync_last_success_timestamp_seconds" not in gauges
 
 
@@ -321,7 +322,8 @@ async def test_webhook_deliveries_are_spans_with_type_outcome_and_database_child
     assert lines[traces["applied"]]["request_id"] == "delivery-applied"
     assert lines[traces["forged"]]["outcome"] == "rejected"
     assert abs(gauges["authsvc_sync_last_success_timestamp_seconds"] - time.time()) < 60
-    assert "authsvc_jwks_age_seconds" not in gauges
+    assert gauges["authsvc_database_up"] == 1
+    assert "authsvc_jwks_age_seconds" not in gauges and "authsvc_user_cache_stale_seconds" not in gauges
 
 
 async def test_without_an_endpoint_nothing_is_exported_and_lines_carry_no_trace(
