@@ -8,13 +8,16 @@ the URI leaves unsaid.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+import bson
 from pymongo import AsyncMongoClient, WriteConcern
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConfigurationError, OperationFailure, ServerSelectionTimeoutError
@@ -25,6 +28,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_OP_MSG = 2013
 Document = dict[str, Any]
 
 # authsvc's choices where MONGODB_URI says nothing, measured through a simulated election
@@ -75,6 +79,22 @@ class MalformedUri(ValueError):
     """``MONGODB_URI`` does not parse; ``str()`` is the driver's reason."""
 
 
+class TlsMismatch(Exception):
+    """``MONGODB_URI`` asks for TLS and the server answers in plaintext; ``str()`` says so in one line."""
+
+
+class IndexConflict(Exception):
+    """An index authsvc creates exists under the same name with other keys or options."""
+
+    CODES = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
+
+    def __init__(self, collection: str, name: str, code_name: str) -> None:
+        super().__init__(
+            f"index {name} on {collection} already exists with different options ({code_name}): "
+            f"drop it (db.{collection}.dropIndex({name!r})) and authsvc creates it at startup"
+        )
+
+
 _USERINFO = re.compile(r"^[a-z0-9+.-]+://(?P<userinfo>[^@/?#]*)@", re.IGNORECASE)
 
 
@@ -105,6 +125,8 @@ def describe_failure(uri: str, exc: BaseException) -> str:
     """One line for an operator: what failed opening ``uri``, where, and the driver's reason; never the password."""
     if isinstance(exc, MalformedUri):
         line = f"MONGODB_URI is malformed: {exc}"
+    elif isinstance(exc, TlsMismatch | IndexConflict):
+        line = str(exc)
     elif isinstance(exc, OperationFailure):
         line = f"MongoDB at {hosts_of(uri)} refused authsvc: {_driver_reason(exc)}"
     elif isinstance(exc, ServerSelectionTimeoutError | ConfigurationError):
@@ -116,6 +138,49 @@ def describe_failure(uri: str, exc: BaseException) -> str:
     for secret in _secrets_of(uri):
         line = line.replace(secret, "***")
     return line
+
+
+_TLS_ON = re.compile(r"[?&](tls|ssl)=true(&|$)", re.IGNORECASE)
+_TLS_OFF = re.compile(r"[?&](tls|ssl)=false(&|$)", re.IGNORECASE)
+
+
+def _asks_tls(uri: str) -> bool:
+    """TLS per the URI: ``tls=true`` (or ``ssl=true``), or ``mongodb+srv://`` unless turned off."""
+    if _TLS_OFF.search(uri):
+        return False
+    return bool(_TLS_ON.search(uri)) or uri.lower().startswith("mongodb+srv://")
+
+
+async def _answers_plaintext(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether a MongoDB server on ``host:port`` answers a plaintext ``hello`` (OP_MSG)."""
+    request_id = 1
+    body = b"\x00\x00\x00\x00\x00" + bson.encode({"hello": 1, "$db": "admin"})  # flagBits, section kind 0
+    message = struct.pack("<iiii", 16 + len(body), request_id, 0, _OP_MSG) + body
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(message)
+                header = await reader.readexactly(16)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    _, _, response_to, op_code = struct.unpack("<iiii", header)
+    return bool(response_to == request_id and op_code == _OP_MSG)
+
+
+async def tls_mismatch(uri: str, client: AsyncMongoClient[Document], exc: BaseException) -> TlsMismatch | None:
+    """When a TLS connection found no server: the first seed that answers in plaintext, as a :class:`TlsMismatch`."""
+    if not isinstance(exc, ServerSelectionTimeoutError) or not _asks_tls(uri):
+        return None
+    for host, port in client.topology_description.server_descriptions():
+        if await _answers_plaintext(host, port or 27017):
+            return TlsMismatch(
+                f"MONGODB_URI asks for TLS, but MongoDB at {host}:{port} answers without TLS: "
+                "remove tls=true from MONGODB_URI, or enable TLS on the server"
+            )
+    return None
 
 
 def make_client(uri: str, *, defaults: Mapping[str, Any] | None = None, **overrides: Any) -> AsyncMongoClient[Document]:

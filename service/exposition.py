@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
+from service import listen
 from service.startup import StartupError, split_addr
 
 PATH = "/metrics"
@@ -42,9 +43,9 @@ async def metrics_server(addr: str, setting: str = "AUTHSVC_METRICS_ADDR") -> As
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        host, port = split_addr(addr)
+        port = split_addr(addr)[1]
         try:
-            await web.TCPSite(runner, host, port).start()
+            await listen.site(runner, addr).start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {addr} ({setting}): {exc.strerror}") from exc
         yield runner.addresses[0][1] if runner.addresses else port

@@ -22,7 +22,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from service.cpus import available_cpus
+
 DeleteMode = Literal["soft", "hard"]
+Environment = Literal["development", "production"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogRpcs = Literal["all", "errors", "off"]
 
@@ -139,14 +142,20 @@ class Settings(BaseModel):
     tls_client_ca: Path | None = Field(
         None, alias="AUTHSVC_TLS_CLIENT_CA", description="client CA: with it, mutual TLS is required"
     )
-    env: str = Field(
-        "development", alias="AUTHSVC_ENV", description="production refuses the embedded database and authsvc dev"
+    env: Environment = Field(
+        "development",
+        alias="AUTHSVC_ENV",
+        description="development or production (production: MONGODB_URI required, authsvc dev refused)",
     )
     drain_s: float = Field(
         2.0, ge=0, le=300, alias="AUTHSVC_DRAIN_S", description="on SIGTERM: NOT_SERVING, keep serving this long"
     )
     workers: int = Field(
-        1, ge=1, le=256, alias="AUTHSVC_WORKERS", description="worker processes (an integer, or auto = CPU count)"
+        1,
+        ge=1,
+        le=256,
+        alias="AUTHSVC_WORKERS",
+        description="worker processes (an integer, or auto = the CPUs this process may use: affinity, cgroup quota)",
     )
     metrics_addr: str = Field(
         "127.0.0.1:9464", alias="AUTHSVC_METRICS_ADDR", description="where authsvc grpc serves GET /metrics"
@@ -280,7 +289,7 @@ class Settings(BaseModel):
     @classmethod
     def _auto_workers(cls, value: object) -> object:
         if isinstance(value, str) and value.lower() == "auto":
-            return os.cpu_count() or 1
+            return available_cpus()
         return value
 
     @field_validator("jit_sync", "ext_authz", "reflection", "accept_pending_sessions", mode="before")

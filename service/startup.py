@@ -28,7 +28,7 @@ import pymongo
 from pymongo.errors import ConfigurationError, ConnectionFailure, ExecutionTimeout, PyMongoError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
-from service.database import Database, describe_failure, open_database
+from service.database import Database, IndexConflict, TlsMismatch, describe_failure, open_database, tls_mismatch
 from service.dbmonitor import DatabaseMonitor
 from service.embedded import EmbeddedUnavailable
 from service.errors import DatabaseUnavailable
@@ -73,10 +73,20 @@ def _describe(uri: str, exc: BaseException) -> str:
     return describe_failure(uri, exc)
 
 
-async def _reach(database: Database, store: UserStore) -> None:
-    """One attempt: a ping within :data:`ATTEMPT_TIMEOUT_S`, then the indexes (idempotent)."""
-    with pymongo.timeout(ATTEMPT_TIMEOUT_S):
-        await database.db.command("ping")
+async def _reach(database: Database, store: UserStore, uri: str) -> None:
+    """One attempt: a ping within :data:`ATTEMPT_TIMEOUT_S`, then the indexes (idempotent).
+
+    A ping that finds no server while ``uri`` asks for TLS of a server that answers in plaintext is
+    :class:`TlsMismatch`: a setting to fix, not a database to wait for.
+    """
+    try:
+        with pymongo.timeout(ATTEMPT_TIMEOUT_S):
+            await database.db.command("ping")
+    except PyMongoError as exc:
+        mismatch = await tls_mismatch(uri, database.client, exc)
+        if mismatch is not None:
+            raise mismatch from exc
+        raise
     await store.ensure_indexes()
 
 
@@ -91,7 +101,7 @@ async def user_store(settings: Settings) -> AsyncIterator[UserStore]:
     try:
         store = _store(settings, database)
         try:
-            await _reach(database, store)
+            await _reach(database, store, settings.mongodb_uri or "")
         except Exception as exc:
             raise StartupError(_describe(settings.mongodb_uri or "", exc)) from exc
         yield store
@@ -132,8 +142,8 @@ class ServedDatabase:
             reraise=True,
         )
         try:
-            await retrying(_reach, database, self.store)
-        except (PyMongoError, DatabaseUnavailable) as exc:
+            await retrying(_reach, database, self.store, self.uri)
+        except (PyMongoError, DatabaseUnavailable, IndexConflict, TlsMismatch) as exc:
             self.failure = StartupError(_describe(self.uri, exc))
         else:
             self.monitor.start()

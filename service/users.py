@@ -24,8 +24,9 @@ from typing import Any
 from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
+from service.database import IndexConflict
 from service.errors import DatabaseUnavailable
 from service.ledger import DUPLICATE_KEY, LedgerWriter
 from service.logs import fields
@@ -240,18 +241,27 @@ class UserStore:
         )
 
     async def ensure_indexes(self) -> None:
-        async with translate_errors():
-            await self.users.create_index([("externalId", ASCENDING)], unique=True, name="byExternalId")
-            await self.users.create_index([("role", ASCENDING), ("isActive", ASCENDING)], name="byRoleActive")
-            await self.events.create_index(
+        """Create every index; raise :class:`IndexConflict` when one exists by name with other options."""
+        indexes: list[tuple[AsyncCollection[Document], list[tuple[str, int]], dict[str, Any]]] = [
+            (self.users, [("externalId", ASCENDING)], {"unique": True, "name": "byExternalId"}),
+            (self.users, [("role", ASCENDING), ("isActive", ASCENDING)], {"name": "byRoleActive"}),
+            (
+                self.events,
                 [("receivedAt", ASCENDING)],
-                expireAfterSeconds=int(LEDGER_TTL.total_seconds()),
-                name="ledgerTtl",
-            )
-            await self.role_changes.create_index([("externalId", ASCENDING), ("at", ASCENDING)], name="byUser")
-            await self.revoked_sessions.create_index(
-                [("expireAt", ASCENDING)], expireAfterSeconds=0, name="revokedSessionsTtl"
-            )
+                {"expireAfterSeconds": int(LEDGER_TTL.total_seconds()), "name": "ledgerTtl"},
+            ),
+            (self.role_changes, [("externalId", ASCENDING), ("at", ASCENDING)], {"name": "byUser"}),
+            (self.revoked_sessions, [("expireAt", ASCENDING)], {"expireAfterSeconds": 0, "name": "revokedSessionsTtl"}),
+        ]
+        async with translate_errors():
+            for collection, keys, options in indexes:
+                try:
+                    await collection.create_index(keys, **options)
+                except OperationFailure as exc:
+                    if exc.code not in IndexConflict.CODES:
+                        raise
+                    code_name = (exc.details or {}).get("codeName", f"code {exc.code}")
+                    raise IndexConflict(collection.name, options["name"], code_name) from exc
 
     async def ping(self) -> bool:
         try:

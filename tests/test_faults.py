@@ -173,8 +173,9 @@ def ec_public_pem() -> str:
         ),
         ({"CLERK_JWT_KEY": "-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----"}, ["CLERK_JWT_KEY"]),
         ({"CLERK_JWT_KEY": "EC"}, ["CLERK_JWT_KEY", "RSA"]),
+        ({"AUTHSVC_ENV": "prod", "CLERK_FRONTEND_API_URL": "https://c.dev"}, ["AUTHSVC_ENV", "'production'", "'prod'"]),
     ],
-    ids=["bad-port", "bad-scheme", "garbage-pem", "ec-key"],
+    ids=["bad-port", "bad-scheme", "garbage-pem", "ec-key", "env-prod"],
 )
 async def test_grpc_startup_problem_is_one_line_exit_2(
     tmp_path: Path, env: dict[str, str], expected: list[str]

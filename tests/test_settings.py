@@ -131,6 +131,27 @@ def test_describe_shows_switches_as_on_and_off() -> None:
     ]
 
 
+@pytest.mark.parametrize("value", ["prod", "staging", "dev", "productoin"])
+def test_an_environment_other_than_development_or_production_is_a_problem(value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load({"AUTHSVC_ENV": value}, dotenv=None)
+    assert info.value.problems == [f"AUTHSVC_ENV input should be 'development' or 'production', got {value!r}"], (
+        info.value.problems
+    )
+
+
+def test_environment_names_are_case_insensitive() -> None:
+    assert load({"AUTHSVC_ENV": "Development"}, dotenv=None).production is False
+    assert load({"AUTHSVC_ENV": "PRODUCTION", "MONGODB_URI": "mongodb://db.example"}, dotenv=None).production
+
+
+def test_auto_workers_is_the_cpus_this_process_may_use() -> None:
+    from service.cpus import available_cpus
+
+    assert load({"AUTHSVC_WORKERS": "auto"}, dotenv=None).workers == available_cpus()
+    assert load({"AUTHSVC_WORKERS": "3"}, dotenv=None).workers == 3
+
+
 def test_log_rpcs_takes_all_errors_or_off() -> None:
     assert load({}, dotenv=None).log_rpcs == "all"
     assert load({"AUTHSVC_LOG_RPCS": "Errors"}, dotenv=None).log_rpcs == "errors"

@@ -40,6 +40,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from service import listen
 from service.logs import fields
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,10 @@ class _Site(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
+        sock = listen.dual_stack_socket(self._host, self._port, reuse_port=self._reuse_port)
+        if sock is not None:  # [::] takes IPv4 clients too, as gRPC's does
+            self._server = await loop.create_server(self._factory, sock=sock, backlog=self._backlog)
+            return
         self._server = await loop.create_server(
             self._factory, self._host or None, self._port, backlog=self._backlog, reuse_port=self._reuse_port or None
         )
