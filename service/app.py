@@ -22,7 +22,7 @@ from service.clerkapi import ClerkBackend
 from service.database import GRPC_DEFAULTS
 from service.dbmonitor import DatabaseMonitor
 from service.exposition import metrics_server
-from service.gauges import GaugeTicker, Reading
+from service.gauges import GaugeTicker
 from service.jit import JitUsers
 from service.metrics import jwks_age
 from service.revocations import RevokedSessions
@@ -95,8 +95,7 @@ async def grpc_service(
         verifier = TokenVerifier(settings)
         stack.push_async_callback(verifier.close)
         await verifier.start()
-        readings: list[Reading] = [(jwks_age(), verifier.jwks_age_s)] if verifier.uses_jwks else []
-        gauges = GaugeTicker(readings, gauge_interval_s)
+        gauges = GaugeTicker([(jwks_age(), verifier.jwks_age_s)], gauge_interval_s)
         await gauges.start()
         stack.push_async_callback(gauges.close)
         clerk = None

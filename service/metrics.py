@@ -83,13 +83,13 @@ def revoked_sessions() -> Gauge:
 
 @functools.cache
 def jwks_age() -> Gauge:
-    """``authsvc grpc`` with a JWKS: seconds since the last successful fetch (+Inf before the first).
+    """``authsvc grpc``: seconds since the last successful JWKS fetch (+Inf before the first, 0 with CLERK_JWT_KEY).
 
     With workers, the maximum over the live ones (a dead worker's last age is not kept).
     """
     return Gauge(
         "authsvc_jwks_age_seconds",
-        "Seconds since the last successful JWKS fetch (+Inf before the first).",
+        "Seconds since the last successful JWKS fetch (+Inf before the first; 0 with CLERK_JWT_KEY).",
         multiprocess_mode="livemax",
     )
 

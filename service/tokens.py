@@ -253,13 +253,10 @@ class TokenVerifier:
         self._fetch_count = 0
         self._fetched_at: float | None = None  # time.monotonic() of the last successful fetch
 
-    @property
-    def uses_jwks(self) -> bool:
-        """Whether keys come from a JWKS (not ``CLERK_JWT_KEY``)."""
-        return self._jwks_url is not None
-
     def jwks_age_s(self) -> float:
-        """Seconds since the last successful JWKS fetch; +inf before the first."""
+        """Seconds since the last successful JWKS fetch; +inf before the first; 0 with ``CLERK_JWT_KEY`` (no JWKS)."""
+        if self._jwks_url is None:
+            return 0.0
         return math.inf if self._fetched_at is None else time.monotonic() - self._fetched_at
 
     @property
