@@ -9,11 +9,11 @@
 # root filesystem is read-only (the Kubernetes manifests mount an emptyDir). The worker supervisor
 # makes its fresh PROMETHEUS_MULTIPROC_DIR under TMPDIR on each start.
 #
-# The `envoy` extra serves Envoy's ext_authz Check with AUTHSVC_EXT_AUTHZ=on. IMAGE_EXTRAS lists the
-# extras installed; once the `otel` extra exists (OpenTelemetry tracing), it becomes "envoy,otel".
+# IMAGE_EXTRAS lists the extras installed: `envoy` serves Envoy's ext_authz Check with
+# AUTHSVC_EXT_AUTHZ=on; `otel` traces with OpenTelemetry when OTEL_EXPORTER_OTLP_ENDPOINT is set.
 
 FROM python:3.11-slim-bookworm AS build
-ARG IMAGE_EXTRAS=envoy
+ARG IMAGE_EXTRAS=envoy,otel
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE constraints.txt ./
@@ -24,7 +24,7 @@ COPY clients/python/authsvc_client ./clients/python/authsvc_client
 RUN pip wheel --wheel-dir /wheels --constraint constraints.txt ".[${IMAGE_EXTRAS}]"
 
 FROM python:3.11-slim-bookworm
-ARG IMAGE_EXTRAS=envoy
+ARG IMAGE_EXTRAS=envoy,otel
 LABEL org.opencontainers.image.title="authsvc" \
       org.opencontainers.image.description="Clerk-backed identity for internal services: gRPC API and webhook sidecar" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -1,4 +1,4 @@
-"""``python -m bench [webhook|verify|core|callers|memory|sync]``: run the benchmarks and print one table.
+"""``python -m bench [webhook|verify|tracing|core|callers|memory|sync]``: run the benchmarks and print one table.
 
 Figures and ratios are measured in this one run on this machine; they are
 never pass/fail tests. Every server is started here and stopped at the end;
@@ -18,17 +18,19 @@ from pathlib import Path
 from bench import profiles
 from bench.common import Figure
 
-BENCHMARKS = ("webhook", "verify", "core", "callers", "memory", "sync")
-DEFAULT = ("webhook", "verify", "core", "callers", "sync")  # memory takes minutes: `make bench-memory`
+BENCHMARKS = ("webhook", "verify", "tracing", "core", "callers", "memory", "sync")
+DEFAULT = ("webhook", "verify", "tracing", "core", "callers", "sync")  # memory takes minutes: `make bench-memory`
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "which", nargs="*", metavar="{webhook,verify,core,callers,memory,sync}", help="default: all but memory"
+        "which", nargs="*", metavar="{webhook,verify,tracing,core,callers,memory,sync}", help="default: all but memory"
     )
     parser.add_argument("--duration", type=float, default=None, help="seconds per phase (default 8 / 6)")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds of the verify servers (>= 5)")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="interleaved rounds of the verify and tracing servers (>= 5)"
+    )
     parser.add_argument("--pairs", type=int, default=4, help="interleaved pairs of each webhook and sync comparison")
     parser.add_argument("--calls", type=int, default=1_000_000, help="VerifyToken calls (memory)")
     parser.add_argument("--distinct", type=int, default=100_000, help="distinct tokens among them (memory)")
@@ -122,6 +124,17 @@ async def main(args: argparse.Namespace) -> list[str]:
             f"verify: h2load, one repeated token, {args.rounds} rounds, the servers' order reversed every other "
             "round, the median round shown"
         )
+    if "tracing" in which:
+        from bench import tracing
+
+        found, lines, more = await tracing.run(
+            duration_s=args.duration or 6.0, warmup_s=args.warmup, rounds=args.rounds, profile=args.profile
+        )
+        figures += found
+        notes += more
+        extra_ratios += lines
+        sections += ["", *await tracing.interceptor_cost()]
+        setup.append(f"tracing: as verify, 1 worker each, off and on (see bench/tracing.py); {args.rounds} rounds")
     if "core" in which:
         from bench import core
 

@@ -29,6 +29,7 @@ from cryptography import x509
 from authsvc.dev.pki import make_pki
 from service.callerfile import CallersFile
 from service.calls import CallerGate
+from service.rpclog import RpcLog
 
 METHOD = "/authsvc.v1.AuthService/VerifyToken"
 ENTRIES = 10
@@ -68,7 +69,7 @@ async def run(*, checks: int = 20_000, passes: int = 5) -> list[str]:
         (directory / "callers.toml").write_text(_policy_text())
         callers = CallersFile(directory / "callers.toml", mtls=True)
         await callers.start()
-        gate = CallerGate(METHOD, callers, None)
+        gate = CallerGate(METHOD, callers, None, RpcLog())
         found: dict[str, list[float]] = {"key": [], "unknown key": [], "san": []}
         now = {"case": ""}
 

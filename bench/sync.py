@@ -36,24 +36,15 @@ BACKFILL, INSERT, RERUN, LISTING = "backfill", "raw bulk insert", "re-run, nothi
 TARGETS = {(BACKFILL, INSERT): 0.5, (RERUN, LISTING): 0.5}
 
 
-def _serve_fake_clerk(users: int, ports: Any, stop: Any) -> None:
-    """Child process: the fake Clerk with ``users`` users, until ``stop`` gets anything."""
-    from tests.fakeclerk import FakeClerk
-
-    async def main() -> None:
-        async with FakeClerk(SECRET) as fake:
-            fake.add_users(users, prefix="user_bench_")
-            ports.put(fake.port)
-            await asyncio.get_running_loop().run_in_executor(None, stop.get)
-
-    asyncio.run(main())
-
-
 async def run(*, users: int = 10_000, pairs: int = 4) -> list[str]:
     """Run the interleaved phases; return the lines to print."""
     logging.disable(logging.WARNING)  # unknown roles in the data set are logged per user otherwise
     ports, stop = CTX.Queue(), CTX.Queue()
-    fake = CTX.Process(target=_serve_fake_clerk, args=(users, ports, stop))
+    from tests.fakeclerk import serve_in_child
+
+    fake = CTX.Process(
+        target=serve_in_child, args=(ports, stop), kwargs=dict(secret=SECRET, users=users, prefix="user_bench_")
+    )
     fake.start()
     try:
         loop = asyncio.get_running_loop()

@@ -22,14 +22,18 @@ from service.clerkapi import ClerkBackend
 from service.database import GRPC_DEFAULTS
 from service.dbmonitor import DatabaseMonitor
 from service.exposition import metrics_server
+from service.gauges import GaugeTicker
 from service.jit import JitUsers
+from service.metrics import jwks_age
 from service.revocations import RevokedSessions
+from service.rpclog import RpcLog
 from service.server import ExtraService, GrpcBindError, GrpcServer, drain, start_server
 from service.servicer import AuthServicer
 from service.sessions import SessionRules
 from service.settings import Settings
 from service.startup import StartupError, served_database, until_signalled
 from service.tokens import TokenVerifier
+from service.tracing import Tracing, traced
 from service.usercache import UserCache
 from service.users import UserStore
 
@@ -63,12 +67,15 @@ async def grpc_service(
     grace_s: float = 5.0,
     reuse_port: bool = False,
     callers_reload_s: float = RELOAD_S,
+    tracing: Tracing | None = None,
+    gauge_interval_s: float = 1.0,
 ) -> AsyncIterator[GrpcService]:
     """Serve AuthService over ``store`` on ``settings.grpc_addr`` until the block exits.
 
     ``monitor`` says whether the database answers (the caller's, started once
     it has); without one, the database is taken as reachable now and watched here.
-    ``AUTHSVC_CALLERS_FILE`` is re-read every ``callers_reload_s``.
+    ``AUTHSVC_CALLERS_FILE`` is re-read every ``callers_reload_s``; with
+    ``tracing`` every call is a span; the age gauges are set every ``gauge_interval_s``.
     """
     async with contextlib.AsyncExitStack() as stack:
         if monitor is None:
@@ -88,6 +95,9 @@ async def grpc_service(
         verifier = TokenVerifier(settings)
         stack.push_async_callback(verifier.close)
         await verifier.start()
+        gauges = GaugeTicker([(jwks_age(), verifier.jwks_age_s)], gauge_interval_s)
+        await gauges.start()
+        stack.push_async_callback(gauges.close)
         clerk = None
         if settings.clerk_secret_key:
             clerk = ClerkBackend.for_calls(settings.clerk_api_url, settings.clerk_secret_key)
@@ -110,7 +120,7 @@ async def grpc_service(
         )
         roles = RoleAdmin(store, verifier, clerk, sessions)
         stack.push_async_callback(roles.close)  # before the Clerk client and the store close
-        servicer = AuthServicer(users, verifier, reader, roles, sessions)
+        servicer = AuthServicer(users, verifier, reader, roles, sessions, RpcLog(settings.log_rpcs))
         extra = [_ext_authz(verifier, reader, sessions, servicer)] if settings.ext_authz else []
         watched = monitor
 
@@ -129,6 +139,7 @@ async def grpc_service(
                 extra=extra,
                 reuse_port=reuse_port,
                 callers=callers,
+                tracing=tracing.server_interceptor() if tracing is not None else None,
             )
         except GrpcBindError as exc:
             raise StartupError(str(exc)) from exc
@@ -163,13 +174,18 @@ async def run_grpc(
     ``GET /metrics`` on ``AUTHSVC_METRICS_ADDR``, unless ``worker``: one of
     several workers (:mod:`service.workers`) sharing the address with
     ``SO_REUSEPORT``, whose parent serves ``/metrics``. ``on_ready`` is called once serving.
+    Traces when OpenTelemetry's variables say so (:func:`service.tracing.traced`; first, so
+    that the database client is instrumented).
     """
     async with contextlib.AsyncExitStack() as stack:
+        tracing = await stack.enter_async_context(traced("authsvc-grpc"))
         if not worker:
             await stack.enter_async_context(metrics_server(settings.metrics_addr))
         database = await stack.enter_async_context(served_database(settings, **GRPC_DEFAULTS))
         service = await stack.enter_async_context(
-            grpc_service(settings, database.store, monitor=database.monitor, grace_s=grace_s, reuse_port=worker)
+            grpc_service(
+                settings, database.store, monitor=database.monitor, grace_s=grace_s, reuse_port=worker, tracing=tracing
+            )
         )
         if on_ready is not None:
             on_ready()

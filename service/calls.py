@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
@@ -36,10 +36,8 @@ from grpc_status import rpc_status
 from service.callerfile import CallersFile
 from service.callers import KEY_METADATA, Caller, CallerPolicy, current_caller
 from service.errors import DOMAIN, AuthError, CallerNotAllowed, CallerUnauthenticated, InvalidArgument, status_of
-from service.logs import fields
 from service.metrics import DENIALS
-
-log = logging.getLogger(__name__)
+from service.rpclog import RpcLog
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # the class is not generic at runtime
@@ -52,6 +50,10 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # The auth-context properties of a verified client certificate's URI and DNS SANs (grpc core's names;
 # x509_subject_alternative_name would mix in email and IP SANs).
 SAN_PROPERTIES = ("peer_uri", "peer_dns")
+
+# The ErrorInfo reason the current call was denied with (set by :func:`abort` and Envoy's denied
+# CheckResponse), for its trace span (:mod:`service.grpctracing`); each call runs in its own task.
+current_reason: ContextVar[str | None] = ContextVar("authsvc_reason", default=None)
 
 
 class _Undecodable:
@@ -93,12 +95,13 @@ def caller_of(policy: CallerPolicy, context: Context) -> Caller | None:
 class CallerGate:
     """The caller check of one method: who calls, and may they call it."""
 
-    __slots__ = ("answer", "callers", "method")
+    __slots__ = ("answer", "callers", "method", "rpc_log")
 
-    def __init__(self, method: str, callers: CallersFile, answer: Answer | None) -> None:
+    def __init__(self, method: str, callers: CallersFile, answer: Answer | None, rpc_log: RpcLog) -> None:
         self.method = method.rpartition("/")[2]  # the short name, as the callers file names it
         self.callers = callers
         self.answer = answer
+        self.rpc_log = rpc_log
 
     def refusal(self, context: Context) -> AuthError | None:
         """Why this call may not proceed, or None; notes the caller for the log line and the metrics."""
@@ -114,16 +117,7 @@ class CallerGate:
         """End the call refused: a status with ErrorInfo, or the method's own denial response."""
         code = status_of(error)[0]
         DENIALS.labels(self.method, error.reason).inc()
-        log.info(
-            "rpc",
-            extra=fields(
-                method=self.method,
-                caller=current_caller.get() or None,
-                peer=context.peer(),
-                code=code.name if self.answer is None else "OK",
-                reason=error.reason,
-            ),
-        )
+        self.rpc_log.write(context, self.method, code if self.answer is None else grpc.StatusCode.OK, error.reason)
         if self.answer is not None:
             return self.answer(error)
         await abort(context, code, str(error), error.reason)
@@ -133,17 +127,16 @@ async def abort(context: Context, code: grpc.StatusCode, message: str, reason: s
     """End the call with ``code``, ``message`` and the authsvc ``google.rpc.ErrorInfo`` carrying ``reason``."""
     status = status_pb2.Status(code=code.value[0], message=message)
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    current_reason.set(reason)
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("abort_with_status returns only by raising")
 
 
-async def _refuse(context: Context, method: str, bad: _Undecodable) -> NoReturn:
+async def _refuse(context: Context, method: str, bad: _Undecodable, rpc_log: RpcLog) -> NoReturn:
     error = InvalidArgument("request message does not decode")
-    caller = current_caller.get() or None
-    log.info(
-        "rpc", extra=fields(method=method, caller=caller, code="INVALID_ARGUMENT", reason=error.reason, error=bad.error)
-    )
-    await abort(context, status_of(error)[0], str(error), error.reason)
+    code = status_of(error)[0]
+    rpc_log.write(context, method, code, error.reason, error=bad.error)
+    await abort(context, code, str(error), error.reason)
 
 
 async def _admit(gate: CallerGate | None, context: Context) -> None:
@@ -159,11 +152,18 @@ class CallGuard(grpc.aio.ServerInterceptor):
     """Checks the caller (with ``callers``), answers undecodable requests ``INVALID_ARGUMENT``, counts calls.
 
     ``answers``: for a full method name, the response that answers a refused caller instead of a status.
+    ``rpc_log`` writes the line of a call it ends.
     """
 
-    def __init__(self, callers: CallersFile | None = None, answers: Mapping[str, Answer] | None = None) -> None:
+    def __init__(
+        self,
+        callers: CallersFile | None = None,
+        answers: Mapping[str, Answer] | None = None,
+        rpc_log: RpcLog | None = None,
+    ) -> None:
         self._callers = callers
         self._answers = dict(answers or {})
+        self._log = rpc_log or RpcLog()
         self.active = 0
         self.last_started = time.monotonic()
         # method -> (the service's handler, our wrapping of it): wrapped once, not per call.
@@ -209,7 +209,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         gate = None
         if self._callers is not None and not method.startswith(HEALTH_PREFIX):
             answer = self._answers.get(method) if handler.unary_unary is not None else None
-            gate = CallerGate(method, self._callers, answer)
+            gate = CallerGate(method, self._callers, answer, self._log)
         serializer = handler.response_serializer
         if handler.unary_unary is not None:
             unary = self._unary_unary(method, handler.unary_unary, gate, decode)
@@ -235,7 +235,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     return await gate.refuse(context, refusal)
             request = decode(raw)
             if isinstance(request, _Undecodable):
-                await _refuse(context, method, request)
+                await _refuse(context, method, request, self._log)
             self.active += 1
             try:
                 result = inner(request, context)
@@ -252,7 +252,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
             await _admit(gate, context)
             request = decode(raw)
             if isinstance(request, _Undecodable):
-                await _refuse(context, method, request)
+                await _refuse(context, method, request, self._log)
             self.active += 1
             try:
                 result = inner(request, context)
@@ -266,15 +266,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
         return behavior
 
-    @staticmethod
     def _requests(
-        method: str, requests: AsyncIterator[bytes], context: Context, decode: Callable[[bytes], Any]
+        self, method: str, requests: AsyncIterator[bytes], context: Context, decode: Callable[[bytes], Any]
     ) -> AsyncIterator[Any]:
         async def checked() -> AsyncIterator[Any]:
             async for raw in requests:
                 request = decode(raw)
                 if isinstance(request, _Undecodable):
-                    await _refuse(context, method, request)
+                    await _refuse(context, method, request, self._log)
                 yield request
 
         return checked()

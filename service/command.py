@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -38,6 +39,7 @@ class Command:
     run: Callable[[Settings], Awaitable[None]]
     check: Callable[[Settings], None] | None = None  # raises SettingsError with every missing requirement
     requires: str = ""  # one line for --help, e.g. "CLERK_WEBHOOK_SECRET"
+    service_name: str = ""  # OTEL_SERVICE_NAME's default when it traces; empty: it does not trace
 
     def epilog(self) -> str:
         """The table of the settings this command reads, for ``--help``."""
@@ -45,6 +47,14 @@ class Command:
         width = [max(len(row[i]) for row in rows) for i in range(2)]
         lines = ["settings (environment variables; also read from .env in the working directory):"]
         lines += [f"  {name:<{width[0]}}  {default:<{width[1]}}  {meaning}".rstrip() for name, default, meaning in rows]
+        if self.service_name:
+            tracing = (
+                "tracing: OpenTelemetry's own variables, from the environment (not .env): with "
+                "OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set, traces go over OTLP "
+                "(OTEL_EXPORTER_OTLP_PROTOCOL grpc or http/protobuf); also OTEL_SERVICE_NAME (default "
+                f"{self.service_name}), OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED."
+            )
+            lines += ["", *textwrap.wrap(tracing, 100, break_on_hyphens=False)]
         if self.requires:
             lines += ["", f"required: {self.requires}"]
         lines += ["", "A missing or invalid setting exits with status 2, one line per problem."]
@@ -87,11 +97,22 @@ def run_until_done(factory: Callable[[], Awaitable[None]]) -> int:
 
 
 def prepare(command: Command) -> Settings | None:
-    """The settings of ``command`` with logging set up; None after printing every problem (exit 2)."""
+    """The settings of ``command`` with logging set up; None after printing every problem (exit 2).
+
+    A command that traces also reports what tracing lacks (:func:`service.tracing.problems`).
+    """
+    problems: list[str] = []
+    if command.service_name:
+        from service import tracing  # the SDK is imported only when an endpoint is set
+
+        problems = tracing.problems()
+    settings: Settings | None = None
     try:
         settings = load(check=command.check)
     except SettingsError as exc:
-        for problem in exc.problems:
+        problems = exc.problems + problems
+    if problems or settings is None:
+        for problem in problems:
             print(f"authsvc: {problem}", file=sys.stderr)
         return None
     logs.setup(settings.log_level)
@@ -152,8 +173,10 @@ GRPC = Command(
         "setrole_max_factor_age_min",
         "callers_file",
         "reflection",
+        "log_rpcs",
     ),
     run=_serve_grpc,
     check=Settings.check_grpc,
     requires="CLERK_FRONTEND_API_URL (or CLERK_JWT_KEY); MONGODB_URI when AUTHSVC_ENV=production",
+    service_name="authsvc-grpc",
 )

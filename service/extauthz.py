@@ -38,6 +38,7 @@ from google.rpc import status_pb2
 
 from authsvc_client.bearer import MalformedAuthorization, http_token, join_cookie_headers
 from service.access import UserReader, authorize
+from service.calls import current_reason
 from service.errors import (
     AuthError,
     InvalidArgument,
@@ -110,6 +111,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def _denied(error: AuthError) -> external_auth_pb2.CheckResponse:
     code, http = status_of(error)
+    current_reason.set(error.reason)  # the call's span names the reason, as for an aborted call
     body = json.dumps({"error": str(error), "reason": error.reason})
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code.value[0], message=str(error)),

@@ -62,7 +62,8 @@ class _Method:
             calls.inc()
 
 
-def _code(context: Context, exc: BaseException | None) -> grpc.StatusCode:
+def code_of(context: Context, exc: BaseException | None) -> grpc.StatusCode:
+    """The code a call's client receives, once its behavior returned or raised ``exc``."""
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED
     code: grpc.StatusCode | None = context.code()
@@ -78,9 +79,9 @@ def _wrap_unary_response(m: _Method, behavior: Callable[..., Awaitable[Any]]) ->
         try:
             response = await behavior(request, context)
         except BaseException as exc:
-            m.done(_code(context, exc), began)
+            m.done(code_of(context, exc), began)
             raise
-        m.done(_code(context, None), began)
+        m.done(code_of(context, None), began)
         return response
 
     return wrapped
@@ -97,9 +98,9 @@ def _wrap_stream_response(m: _Method, behavior: Callable[..., Any]) -> Callable[
             async for response in behavior(request, context):
                 yield response
         except BaseException as exc:
-            m.done(_code(context, exc), began)
+            m.done(code_of(context, exc), began)
             raise
-        m.done(_code(context, None), began)
+        m.done(code_of(context, None), began)
 
     return wrapped
 

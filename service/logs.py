@@ -2,7 +2,8 @@
 
 Modules use ``log = logging.getLogger(__name__)`` and pass structured fields
 with ``log.info("event", extra={"fields": {...}})``. Secrets and whole tokens
-are never passed in.
+are never passed in. With tracing on, a line written inside a span carries
+its ``trace_id`` and ``span_id`` (:class:`service.otel.SpanIds` stamps them).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +30,9 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id is not None:
+            entry["trace_id"], entry["span_id"] = trace_id, getattr(record, "span_id", None)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -43,6 +48,20 @@ def setup(level: str = "info") -> None:
     # Third-party chatter stays at warning unless we debug.
     for noisy in ("pymongo", "aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+MAX_REQUEST_ID = 128
+REQUEST_ID_HEADER = "x-request-id"  # gRPC metadata key and HTTP header (case-insensitive there)
+
+
+def request_id(given: str | None) -> str:
+    """The ``request_id`` of a log line: the caller's ``x-request-id`` when it is 1-128 printable ASCII characters.
+
+    Anything else (absent, empty, too long, a control or non-ASCII character) gets a random one.
+    """
+    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable():
+        return given
+    return os.urandom(8).hex()
 
 
 def fields(**values: Any) -> dict[str, Any]:

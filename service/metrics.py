@@ -2,7 +2,8 @@
 
 In a multi-worker process, ``PROMETHEUS_MULTIPROC_DIR`` must be set before
 ``prometheus_client`` is first imported, so that ``/metrics`` sums every
-worker; the worker supervisor sees to that.
+worker; the worker supervisor sees to that. Gauges are never summed: each
+names its multiprocess mode.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ CLERK_REQUESTS = Counter(
 SYNC_USERS = Counter("authsvc_sync_users", "Users seen by a sync, by outcome.", ["outcome"])
 
 
-# Gauges are made on first use, by the processes that watch the database: in multiprocess mode a
+# Gauges are made on first use, by the processes that have a value for them: in multiprocess mode a
 # gauge gets a value (0) for every process that creates it, and the parent of the workers (which
-# never watches the database) would pin the minimum at 0. "live" modes forget dead workers.
+# never watches the database) would pin the minimum at 0; an unlabelled gauge is exported, as 0, from
+# the moment it exists, where 0 would be a lie. "live" modes forget dead workers.
 @functools.cache
 def database_up() -> Gauge:
     """``authsvc_database_up``: 1 while MongoDB answers this process, else 0; the minimum over workers."""
@@ -76,4 +78,27 @@ def revoked_sessions() -> Gauge:
     """``authsvc_revoked_sessions``: the revoked sessions held in this process; the smallest set of any live worker."""
     return Gauge(
         "authsvc_revoked_sessions", "Revoked sessions held in this process's set.", multiprocess_mode="livemin"
+    )
+
+
+@functools.cache
+def jwks_age() -> Gauge:
+    """``authsvc grpc``: seconds since the last successful JWKS fetch (+Inf before the first, 0 with CLERK_JWT_KEY).
+
+    With workers, the maximum over the live ones (a dead worker's last age is not kept).
+    """
+    return Gauge(
+        "authsvc_jwks_age_seconds",
+        "Seconds since the last successful JWKS fetch (+Inf before the first; 0 with CLERK_JWT_KEY).",
+        multiprocess_mode="livemax",
+    )
+
+
+@functools.cache
+def sync_last_success() -> Gauge:
+    """The sidecar: when a periodic repair run last completed (Unix time); with workers, the latest."""
+    return Gauge(
+        "authsvc_sync_last_success_timestamp_seconds",
+        "When a periodic repair (AUTHSVC_SYNC_INTERVAL_S) last completed, in Unix seconds.",
+        multiprocess_mode="max",
     )

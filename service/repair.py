@@ -22,6 +22,7 @@ from service.clerkapi import ClerkBackend
 from service.errors import AuthError
 from service.leases import Lease
 from service.logs import fields
+from service.metrics import sync_last_success
 from service.sync import SyncIncomplete, reconcile
 from service.users import UserStore
 
@@ -98,6 +99,7 @@ class Repairer:
         try:
             summary = await reconcile(self._clerk, self._store, via="sync", on_page=self._renew)
             done = True
+            sync_last_success().set_to_current_time()
             log.info("periodic sync", extra=fields(holder=self.lease.holder, summary=summary.line()))
         except LeaseLost:
             log.warning("periodic sync: lease lost mid-run; stopped", extra=fields(holder=self.lease.holder))

@@ -19,6 +19,7 @@ from service.calls import Answer, CallGuard
 from service.grpcmetrics import MetricsInterceptor
 from service.logs import fields
 from service.reflection import enable_reflection
+from service.rpclog import RpcLog
 from service.servicer import AuthServicer
 from service.settings import Settings
 
@@ -197,6 +198,7 @@ async def start_server(
     extra: Sequence[tuple[str, ExtraService]] = (),
     reuse_port: bool = False,
     callers: CallersFile | None = None,
+    tracing: grpc.aio.ServerInterceptor | None = None,
 ) -> GrpcServer:
     """Serve ``servicer``, Health and reflection on ``settings.grpc_addr``; return the server and bound port.
 
@@ -209,14 +211,18 @@ async def start_server(
     (:class:`service.calls.CallGuard`). With ``callers`` (``AUTHSVC_CALLERS_FILE``),
     every call but health must come from a caller it lists; reflection only
     with ``settings.reflection``.
-    Every RPC is counted and timed (``grpc_server_*``); ``reuse_port`` is for worker processes.
+    Every RPC is counted and timed (``grpc_server_*``) and logged (``AUTHSVC_LOG_RPCS``); with
+    ``tracing`` (:class:`service.grpctracing.TracingInterceptor`) each is a span.
+    ``reuse_port`` is for worker processes.
     Raises :class:`GrpcBindError` if the address cannot be bound.
     """
     answers = {method: answer for _, servicer_ in extra for method, answer in servicer_.answers.items()}
-    calls = CallGuard(callers, answers)
-    # The metrics interceptor first: it sees every call as the client does, the guard's refusals included.
+    calls = CallGuard(callers, answers, RpcLog(settings.log_rpcs))
+    # The metrics interceptor before the guard: it sees every call as the client does, the guard's refusals
+    # included; the tracing one before both, so that the span covers all of the call and its log line.
+    interceptors = (*([tracing] if tracing is not None else []), MetricsInterceptor(), calls)
     options = [*server_options(reuse_port), *connection_age_options(settings)]
-    server = grpc.aio.server(interceptors=(MetricsInterceptor(), calls), options=options)
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     add_auth_service(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

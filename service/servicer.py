@@ -3,18 +3,17 @@
 An :class:`AuthError` becomes its status code (from :func:`status_of`), its
 message and a ``google.rpc.ErrorInfo`` detail; anything else is logged with
 its traceback and answered ``INTERNAL`` with a request id, never its text.
-Every call writes exactly one JSON log line, from the fields that the core
-binds with :func:`service.logs.bind` while it runs.
+Every call writes one JSON log line (as ``AUTHSVC_LOG_RPCS`` says, see
+:mod:`service.rpclog`), from the fields that the core binds with
+:func:`service.logs.bind` while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -23,11 +22,11 @@ from cachetools import LRUCache
 from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from service import logs
 from service.access import MAX_EXTERNAL_ID, RoleAdmin, UserReader, authorize, check_external_id
-from service.callers import current_caller
 from service.calls import abort
 from service.convert import bearer_token, role_from_proto, user_message, verify_response
 from service.errors import AuthError, InvalidArgument, UserNotFound, status_of
 from service.metrics import DENIALS
+from service.rpclog import ExcInfo, RpcLog, request_id_of
 from service.sessions import SessionRules
 from service.tokens import TokenVerifier, VerifiedToken
 from service.users import UserRecord
@@ -36,7 +35,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
 class _ReplyMemo:
@@ -67,12 +65,20 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
 
     ``users`` serves VerifyToken's hot-path reads (the store, or its cache);
     ``store`` serves GetUser (the user cache, or the store itself);
-    ``roles`` applies SetRole's rules; ``sessions`` the session rules of every token check.
+    ``roles`` applies SetRole's rules; ``sessions`` the session rules of every token check;
+    ``rpc_log`` writes each call's line.
     """
 
     def __init__(
-        self, store: UserReader, verifier: TokenVerifier, users: UserReader, roles: RoleAdmin, sessions: SessionRules
+        self,
+        store: UserReader,
+        verifier: TokenVerifier,
+        users: UserReader,
+        roles: RoleAdmin,
+        sessions: SessionRules,
+        rpc_log: RpcLog | None = None,
     ) -> None:
+        self._log = rpc_log or RpcLog()
         self._store = store
         self._users = users
         self._verifier = verifier
@@ -143,44 +149,18 @@ class AuthServicer(authsvc_pb2_grpc.AuthServiceServicer):
             except Exception as exc:
                 failure = (type(exc), exc, exc.__traceback__)
                 code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
-                request_id = os.urandom(8).hex()
+                request_id = request_id_of(context)
                 await abort(context, code, f"internal error (request id {request_id})", "INTERNAL")
             finally:
-                _log(rpc, context, code, reason, failure, request_id, started, bound)
-
-
-def _log(
-    rpc: str,
-    context: Context,
-    code: grpc.StatusCode,
-    reason: str | None,
-    failure: ExcInfo | None,
-    request_id: str | None,
-    started: float,
-    bound: dict[str, object],
-) -> None:
-    if failure is not None:
-        level = logging.ERROR
-    elif code is grpc.StatusCode.UNAVAILABLE:
-        level = logging.WARNING
-    else:
-        level = logging.INFO
-    if not log.isEnabledFor(level):  # the hot path pays for nothing it does not log
-        return
-    log.log(
-        level,
-        "rpc",
-        exc_info=failure,
-        extra=logs.fields(
-            method=rpc,
-            caller=current_caller.get() or None,
-            request_id=request_id or os.urandom(8).hex(),
-            peer=context.peer(),
-            code=code.name,
-            reason=reason,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            subject=bound.get("subject"),
-            actor=bound.get("actor"),
-            target=bound.get("target"),
-        ),
-    )
+                self._log.write(
+                    context,
+                    rpc,
+                    code,
+                    reason,
+                    started=started,
+                    failure=failure,
+                    request_id=request_id,
+                    subject=bound.get("subject"),
+                    actor=bound.get("actor"),
+                    target=bound.get("target"),
+                )

@@ -27,6 +27,7 @@ from service.cpus import available_cpus
 DeleteMode = Literal["soft", "hard"]
 Environment = Literal["development", "production"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogRpcs = Literal["all", "errors", "off"]
 
 
 class SettingsError(Exception):
@@ -133,6 +134,9 @@ class Settings(BaseModel):
         5, ge=0, le=300, alias="AUTHSVC_CLOCK_SKEW_S", description="leeway in seconds for exp/nbf/iat"
     )
     log_level: LogLevel = Field("info", alias="AUTHSVC_LOG_LEVEL", description="debug, info, warning or error")
+    log_rpcs: LogRpcs = Field(
+        "all", alias="AUTHSVC_LOG_RPCS", description="the per-RPC log line: all, errors (non-OK only) or off"
+    )
     tls_cert: Path | None = Field(None, alias="AUTHSVC_TLS_CERT", description="gRPC TLS certificate (PEM file)")
     tls_key: Path | None = Field(None, alias="AUTHSVC_TLS_KEY", description="gRPC TLS private key (PEM file)")
     tls_client_ca: Path | None = Field(
@@ -271,7 +275,7 @@ class Settings(BaseModel):
             raise ValueError("must be an RSA public key (Clerk signs with RS256)")
         return value
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_rpcs", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -251,6 +251,13 @@ class TokenVerifier:
         self._inflight: asyncio.Task[bool] | None = None
         self._last_refetch = float("-inf")
         self._fetch_count = 0
+        self._fetched_at: float | None = None  # time.monotonic() of the last successful fetch
+
+    def jwks_age_s(self) -> float:
+        """Seconds since the last successful JWKS fetch; +inf before the first; 0 with ``CLERK_JWT_KEY`` (no JWKS)."""
+        if self._jwks_url is None:
+            return 0.0
+        return math.inf if self._fetched_at is None else time.monotonic() - self._fetched_at
 
     @property
     def fetch_count(self) -> int:
@@ -465,6 +472,7 @@ class TokenVerifier:
             # A key left the JWKS (perhaps revoked): forget results it vouched for.
             self._results.clear()
         self._keys = keys
+        self._fetched_at = time.monotonic()
         JWKS_FETCHES.labels("ok").inc()
         log.info(
             "jwks fetched",

@@ -331,3 +331,19 @@ def mirror(user: dict[str, Any]) -> dict[str, Any]:
         "isActive": p.is_active,
         "clerkUpdatedAt": p.clerk_updated_at,
     }
+
+
+def serve_in_child(ports: Any, stop: Any, *, secret: str = SECRET, users: int = 0, prefix: str = "user_") -> None:
+    """A child process's main (multiprocessing): the fake with ``users`` users until ``stop`` gets anything.
+
+    Its port is put on ``ports`` once it listens.
+    """
+
+    async def main() -> None:
+        async with FakeClerk(secret) as fake:
+            if users:
+                fake.add_users(users, prefix=prefix)
+            ports.put(fake.port)
+            await asyncio.get_running_loop().run_in_executor(None, stop.get)
+
+    asyncio.run(main())

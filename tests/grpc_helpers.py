@@ -95,18 +95,24 @@ async def serve(
     clerk: FakeClerk | None = None,
     health_interval_s: float = 2.0,
     callers_reload_s: float = RELOAD_S,
+    gauge_interval_s: float = 1.0,
     **changes: Any,
 ) -> AsyncIterator[Harness]:
     """A running gRPC service (and channel) trusting ``issuer``; with ``clerk``, role write-through to it.
 
-    ``callers_reload_s``: how often ``AUTHSVC_CALLERS_FILE`` is re-read.
+    ``callers_reload_s``: how often ``AUTHSVC_CALLERS_FILE`` is re-read; ``gauge_interval_s``: the age gauges'.
     """
     if clerk is not None:
         changes.update(clerk_api_url=clerk.url, clerk_secret_key=CLERK_SECRET)
     settings = issuer_settings(settings, issuer, **changes)
     async with (
         grpc_service(
-            settings, store, health_interval_s=health_interval_s, grace_s=0.5, callers_reload_s=callers_reload_s
+            settings,
+            store,
+            health_interval_s=health_interval_s,
+            grace_s=0.5,
+            callers_reload_s=callers_reload_s,
+            gauge_interval_s=gauge_interval_s,
         ) as service,
         grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
     ):

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import functools
 import json
+import multiprocessing
 import re
 import shlex
 import sys
@@ -40,6 +41,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from authsvc.dev.procs import ServerProcess, child_env, free_port, health_check
 from service.embedded import EmbeddedMongo
 from tests.conftest import WEBHOOK_SECRET
+from tests.fakeclerk import SECRET as CLERK_SECRET
+from tests.fakeclerk import serve_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy/kubernetes"
@@ -273,6 +276,9 @@ def process_env(component: str, ports: dict[int, int], secrets: dict[str, str], 
     # workers, multiprocess mode shows a family only once a worker has written to it).
     env["AUTHSVC_WORKERS"] = "1"
     env["AUTHSVC_DRAIN_S"] = "0.2"  # the drain is tested elsewhere; here it would only slow the teardown
+    # Serving from the user cache through an outage is tested elsewhere: here readiness follows the database
+    # at once, whether or not the change stream has confirmed the cache yet.
+    env["AUTHSVC_STALE_S"] = "0"
     # A key instead of the JWKS of the (placeholder) Clerk instance: no network.
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
     env["CLERK_JWT_KEY"] = key.public_bytes(
@@ -323,10 +329,19 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     entrypoint, _ = image_config()
     executable = str(Path(sys.executable).with_name(entrypoint[0]))
     state = Running(ports={}, processes={}, mongo=mongo)
-    secrets = {"MONGODB_URI": mongo.uri, "CLERK_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    # A fake Clerk Backend API in a process of its own, so that the sidecar completes a periodic
+    # repair (and exports authsvc_sync_last_success_timestamp_seconds, which an alert uses).
+    spawn = multiprocessing.get_context("spawn")
+    clerk_port, clerk_stop = spawn.Queue(), spawn.Queue()
+    clerk = spawn.Process(target=serve_in_child, args=(clerk_port, clerk_stop))
+    clerk.start()
+    clerk_api = {"CLERK_API_URL": f"http://127.0.0.1:{clerk_port.get(timeout=60)}", "AUTHSVC_SYNC_INTERVAL_S": "3600"}
+    secrets = {"MONGODB_URI": mongo.uri, "CLERK_WEBHOOK_SECRET": WEBHOOK_SECRET, "CLERK_SECRET_KEY": CLERK_SECRET}
     try:
         for component in COMPONENTS:
             env = process_env(component, state.ports, secrets, tmp)
+            if component == "webhook":
+                env.update(clerk_api)
             process = ServerProcess(
                 component,
                 [executable, *entrypoint[1:], *container(component)["args"]],
@@ -342,22 +357,29 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     finally:
         with concurrent.futures.ThreadPoolExecutor() as pool:  # both drain at once
             list(pool.map(ServerProcess.stop, state.processes.values()))
+        clerk_stop.put("stop")
+        clerk.join(10)
         mongo.stop()
 
 
 async def test_every_metric_the_rules_and_dashboard_use_is_exposed(running: Running) -> None:
     used, recorded = used_metric_names()
     assert {"authsvc_denials_total", "grpc_server_handling_seconds_bucket", "authsvc_webhook_deliveries_total"} <= used
-    exposed: set[str] = set()
-    async with aiohttp.ClientSession() as session:
-        for url in (
-            f"http://127.0.0.1:{running.ports[9464]}/metrics",  # AUTHSVC_METRICS_ADDR of authsvc grpc
-            f"http://127.0.0.1:{running.ports[8080]}/metrics",  # the sidecar's own address
-        ):
-            async with session.get(url) as response:
-                assert response.status == 200
-                exposed |= exposed_names(await response.text())
-    missing = {name for name in used if ":" not in name} - exposed - PROMETHEUS_OWN
+    deadline = asyncio.get_running_loop().time() + 30  # a gauge appears once it has a value (the sync's: one run)
+    while True:
+        exposed: set[str] = set()
+        async with aiohttp.ClientSession() as session:
+            for url in (
+                f"http://127.0.0.1:{running.ports[9464]}/metrics",  # AUTHSVC_METRICS_ADDR of authsvc grpc
+                f"http://127.0.0.1:{running.ports[8080]}/metrics",  # the sidecar's own address
+            ):
+                async with session.get(url) as response:
+                    assert response.status == 200
+                    exposed |= exposed_names(await response.text())
+        missing = {name for name in used if ":" not in name} - exposed - PROMETHEUS_OWN
+        if not missing or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.2)
     assert not missing, f"not on any /metrics: {sorted(missing)}"
     assert {name for name in used if ":" in name} <= recorded
 

@@ -150,3 +150,11 @@ def test_auto_workers_is_the_cpus_this_process_may_use() -> None:
 
     assert load({"AUTHSVC_WORKERS": "auto"}, dotenv=None).workers == available_cpus()
     assert load({"AUTHSVC_WORKERS": "3"}, dotenv=None).workers == 3
+
+
+def test_log_rpcs_takes_all_errors_or_off() -> None:
+    assert load({}, dotenv=None).log_rpcs == "all"
+    assert load({"AUTHSVC_LOG_RPCS": "Errors"}, dotenv=None).log_rpcs == "errors"
+    with pytest.raises(SettingsError) as info:
+        load({"AUTHSVC_LOG_RPCS": "some"}, dotenv=None)
+    assert info.value.problems == ["AUTHSVC_LOG_RPCS input should be 'all', 'errors' or 'off', got 'some'"]

@@ -1,4 +1,10 @@
-"""The aiohttp application of the webhook sidecar: routes and the delivery handler."""
+"""The aiohttp application of the webhook sidecar: routes and the delivery handler.
+
+Each delivery writes one log line carrying ``request_id`` (the sender's
+``X-Request-Id`` when usable, see :func:`service.logs.request_id`) and, with
+tracing on, sets ``authsvc.webhook.type`` and ``authsvc.webhook.outcome`` on its
+server span (the labels of ``authsvc_webhook_deliveries_total``).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,10 @@ from aiohttp import web
 from service import exposition
 from service.dbmonitor import DatabaseMonitor
 from service.errors import AuthError, status_of
-from service.logs import fields
+from service.logs import REQUEST_ID_HEADER, fields, request_id
 from service.metrics import WEBHOOK_DELIVERIES, WEBHOOK_DELIVERY_SECONDS
 from service.settings import Settings
+from service.tracing import annotate
 from service.users import UserStore
 from webhook.body import MAX_BODY, BodyTimeout, ClientGone, read_body
 from webhook.deliveries import apply, plan
@@ -32,7 +39,12 @@ LIMITS = web.AppKey("limits", Limits)
 async def receive(request: web.Request) -> web.Response:
     """POST the webhook path: verify, validate, apply; answer per the design's table."""
     started = time.perf_counter()
-    line: dict[str, object] = {"svix_id": header(request.headers, "id"), "type": None, "externalId": None}
+    line: dict[str, object] = {
+        "svix_id": header(request.headers, "id"),
+        "request_id": request_id(request.headers.get(REQUEST_ID_HEADER)),
+        "type": None,
+        "externalId": None,
+    }
     body: bytes | None = None
     try:
         body = await read_body(request, request.app[LIMITS].body_timeout_s)
@@ -52,6 +64,7 @@ async def receive(request: web.Request) -> web.Response:
     except ClientGone:
         # A client going away is not a server error: no traceback, nothing counted as one.
         line.update(outcome="client_gone", duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        annotate({"authsvc.webhook.type": str(line["type"] or "unknown"), "authsvc.webhook.outcome": "client_gone"})
         log.info("webhook delivery", extra=fields(**line))
         return web.Response(status=HTTPStatus.BAD_REQUEST)
     except Exception:
@@ -59,7 +72,9 @@ async def receive(request: web.Request) -> web.Response:
         status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
         line["outcome"] = "error"
     elapsed = time.perf_counter() - started
-    WEBHOOK_DELIVERIES.labels(line["type"] or "unknown", line["outcome"]).inc()
+    kind, answered = str(line["type"] or "unknown"), str(line["outcome"])
+    WEBHOOK_DELIVERIES.labels(kind, answered).inc()
+    annotate({"authsvc.webhook.type": kind, "authsvc.webhook.outcome": answered})
     WEBHOOK_DELIVERY_SECONDS.observe(elapsed)
     line.update(status=int(status), duration_ms=round(elapsed * 1000, 2))
     log.info("webhook delivery", extra=fields(**line))

@@ -32,4 +32,5 @@ WEBHOOK = Command(
     run=_serve,
     check=Settings.check_webhook,
     requires="CLERK_WEBHOOK_SECRET; MONGODB_URI when AUTHSVC_ENV=production",
+    service_name="authsvc-webhook",
 )

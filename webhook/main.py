@@ -16,6 +16,7 @@ from service.logs import fields
 from service.repair import Repairer
 from service.settings import Settings
 from service.startup import StartupError, served_database, split_addr, until_signalled
+from service.tracing import traced
 from service.users import UserStore
 from webhook.app import DATABASE, create_app
 from webhook.limits import Limits, descriptor_budget, quiet_accept_errors, start_site
@@ -94,9 +95,12 @@ async def run_webhook(settings: Settings, *, worker: bool = False, on_ready: Cal
     """``authsvc webhook``: serve until SIGTERM/SIGINT.
 
     ``worker``: one of several workers (:mod:`service.workers`) sharing the
-    address with ``SO_REUSEPORT``; ``on_ready`` is called once serving.
+    address with ``SO_REUSEPORT``; ``on_ready`` is called once serving. Traces
+    when OpenTelemetry's variables say so (set up first: the instrumentations
+    must see the database client and the application being made).
     """
     async with (
+        traced("authsvc-webhook"),
         served_database(settings) as database,
         sidecar(settings, database.store, monitor=database.monitor, worker=worker),
     ):

@@ -46,8 +46,10 @@ DEV = Command(
         "reflection",
         "stale_s",
         "max_connection_age_s",
+        "log_rpcs",
     ),
     run=_serve_dev,
     check=Settings.check_dev,
     requires="AUTHSVC_ENV other than production",
+    service_name="authsvc-dev",
 )

@@ -43,11 +43,11 @@ Probe = Callable[["ServerProcess"], Awaitable[bool]]
 
 
 def child_env(**overrides: str) -> dict[str, str]:
-    """Our environment without any authsvc, Clerk or MongoDB setting (nothing leaks in), plus ``overrides``.
+    """Our environment without any authsvc, Clerk, MongoDB or OpenTelemetry setting, plus ``overrides``.
 
     The working directory goes on ``PYTHONPATH`` so that ``-m bench.…`` resolves from the repository.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "AUTHSVC_", "MONGODB_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "AUTHSVC_", "MONGODB_", "OTEL_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path.cwd()), env.get("PYTHONPATH")) if p)
     env.update(overrides)
     return env

@@ -23,6 +23,7 @@ from service.app import grpc_service
 from service.embedded import private_directory
 from service.settings import Settings
 from service.startup import StartupError, served_database, split_addr, until_signalled
+from service.tracing import traced
 from webhook.main import sidecar
 
 DEV_AZP = "http://localhost:3000"
@@ -120,9 +121,10 @@ async def run(settings: Settings) -> None:
         )
     )
     async with (
+        traced("authsvc-dev") as tracing,
         served_database(settings) as database,
         sidecar(settings, database.store, jwks_routes(issuer), monitor=database.monitor),
-        grpc_service(settings, database.store, monitor=database.monitor) as service,
+        grpc_service(settings, database.store, monitor=database.monitor, tracing=tracing) as service,
     ):
         state = {
             "issuer": issuer_url,

@@ -5,7 +5,9 @@ Every call has a deadline (``timeout_s``, 5 s by default). The read calls
 policy (exponential backoff from 0.1 s, at most ``attempts`` tries); SetRole
 is never retried, since a retry could apply a change twice in a race with
 another writer. Nothing is cached here: every answer is the server's, so a
-role change, a ban or a delete is seen by the next call.
+role change, a ban or a delete is seen by the next call. When the calling
+service uses OpenTelemetry, each call carries its current trace context
+(:mod:`authsvc_client.tracecontext`).
 
 The target is any gRPC target: ``host:port``, ``dns:///host:port``,
 ``ipv4:10.0.0.1:50051,10.0.0.2:50051``. A target that names several servers
@@ -27,6 +29,7 @@ import grpc
 from authsvc_client.errors import from_rpc_error
 from authsvc_client.models import Identity, User
 from authsvc_client.roles import Role
+from authsvc_client.tracecontext import with_trace_context
 from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -152,7 +155,9 @@ class AuthsvcClient:
         """
         request = authsvc_pb2.VerifyTokenRequest(token=token, min_role=int(min_role) if min_role else 0)  # type: ignore[arg-type]
         try:
-            reply = await self._stub.VerifyToken(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            reply = await self._stub.VerifyToken(
+                request, timeout=timeout_s or self.timeout_s, metadata=with_trace_context(self._metadata)
+            )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
         return Identity.from_proto(reply)
@@ -163,7 +168,7 @@ class AuthsvcClient:
             reply = await self._stub.GetUser(
                 authsvc_pb2.GetUserRequest(external_id=external_id),
                 timeout=timeout_s or self.timeout_s,
-                metadata=self._metadata,
+                metadata=with_trace_context(self._metadata),
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
@@ -182,7 +187,7 @@ class AuthsvcClient:
             reply = await self._stub.SetRole(
                 request,
                 timeout=timeout_s or self.timeout_s,
-                metadata=(*self._metadata, ("authorization", f"Bearer {caller_token}")),
+                metadata=with_trace_context((*self._metadata, ("authorization", f"Bearer {caller_token}"))),
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from None
