@@ -112,6 +112,10 @@ class UserCache:
         """True while cached entries may still answer for an unreachable database (``AUTHSVC_STALE_S``)."""
         return self._confirmed is not None and time.monotonic() - self._confirmed <= self._stale
 
+    def holds(self, external_id: str) -> bool:
+        """Whether an entry for ``external_id`` is held (a read that overlapped an invalidation is not kept)."""
+        return external_id in self._entries
+
     @property
     def stale_seconds(self) -> float:
         """0 while :attr:`live` (or with no change streams: nothing is served from memory), else the entries' age."""

@@ -93,6 +93,18 @@ async def verify(h: Harness, token: str) -> authsvc_pb2.VerifyTokenResponse:
     return await h.stub.VerifyToken(authsvc_pb2.VerifyTokenRequest(token=token), timeout=5)
 
 
+async def in_cache(h: Harness, token: str, external_id: str) -> authsvc_pb2.VerifyTokenResponse:
+    """VerifyToken until its user is held in the cache: a read that overlapped the seed's own
+    invalidation (still on its way through the change stream) is answered but not kept."""
+    started = time.monotonic()
+    while True:
+        reply = await verify(h, token)
+        if h.service.users.holds(external_id):
+            return reply
+        assert time.monotonic() - started < 5, f"{external_id} never cached"
+        await asyncio.sleep(0.05)
+
+
 async def refusal(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
@@ -142,7 +154,7 @@ async def test_a_silent_partition_is_answered_from_the_cache_until_the_bound(
         await h.seed("user_cached", Role.ADMIN)
         await h.seed("user_uncached")
         cached, uncached = h.token("user_cached"), h.token("user_uncached")
-        assert (await verify(h, cached)).user.role == authsvc_pb2.ROLE_ADMIN  # now in the cache
+        assert (await in_cache(h, cached, "user_cached")).user.role == authsvc_pb2.ROLE_ADMIN
         await h.stub.GetUser(authsvc_pb2.GetUserRequest(external_id="user_cached"))
 
         o.proxy.partition()  # connections accepted, nothing answers
@@ -181,7 +193,7 @@ async def test_a_ban_applied_while_unreachable_is_seen_within_1s_of_reaching_the
         h = o.h
         await h.seed("user_banned")
         token = h.token("user_banned")
-        await verify(h, token)
+        await in_cache(h, token, "user_banned")
 
         await o.proxy.refuse()  # the database crashed, as this process sees it
         noticed = await eventually(lambda: not h.service.monitor.up, 2.0, "a refused connection noticed")
@@ -233,7 +245,7 @@ async def test_a_stream_that_cannot_resume_empties_the_cache_first(
         h = o.h
         await h.seed("user_1")
         token = h.token("user_1")
-        await verify(h, token)
+        await in_cache(h, token, "user_1")
         # The server lost the stream's history: every getMore and resume answers ChangeStreamHistoryLost.
         await fail_point(admin, "alwaysOn", failCommands=["getMore", "aggregate"], errorCode=286, appName=APP)
         await eventually(lambda: not h.service.users.live, 3, "the stream broken")
@@ -268,8 +280,8 @@ async def test_an_election_under_load_fails_no_call_and_loses_no_delivery(
             for user in cached:
                 await h.seed(user)
             tokens = [h.token(user) for user in cached]
-            for token in tokens:
-                await authsvc.verify(token)
+            for user, token in zip(cached, tokens, strict=True):
+                await in_cache(h, token, user)
             stop = asyncio.Event()
             url = f"http://127.0.0.1:{port}{settings.webhook_path}"
             verifying = asyncio.create_task(verify_load(authsvc, tokens, stop, concurrency=4))
