@@ -11,6 +11,7 @@
 #
 # IMAGE_EXTRAS lists the extras installed: `envoy` serves Envoy's ext_authz Check with
 # AUTHSVC_EXT_AUTHZ=on; `otel` traces with OpenTelemetry when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+# With both, opentelemetry-proto is reinstalled last: xds-protos ships an older copy of its files.
 
 FROM python:3.11-slim-bookworm AS build
 ARG IMAGE_EXTRAS=envoy,otel
@@ -42,7 +43,10 @@ RUN groupadd --system --gid 10001 authsvc \
         --shell /usr/sbin/nologin authsvc
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     --mount=type=bind,source=constraints.txt,target=/constraints.txt \
-    pip install --no-index --find-links /wheels --constraint /constraints.txt "authsvc[${IMAGE_EXTRAS}]"
+    pip install --no-index --find-links /wheels --constraint /constraints.txt "authsvc[${IMAGE_EXTRAS}]" \
+ && if pip show --quiet opentelemetry-proto 2>/dev/null; then \
+        pip install --no-index --find-links /wheels --constraint /constraints.txt --force-reinstall --no-deps opentelemetry-proto; \
+    fi
 WORKDIR /app
 USER 10001:10001
 EXPOSE 50051 8080 9464

@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[embedded,envoy,test,dev]'
+	# xds-protos (envoy) ships an older copy of opentelemetry/proto that overwrites opentelemetry-proto's
+	# when pip happens to install it later: reinstall opentelemetry-proto's own files last.
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 run: install

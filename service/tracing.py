@@ -15,6 +15,7 @@ depend on the extra (the webhook handler); without a span it does nothing.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
@@ -69,8 +70,22 @@ def problems(environ: Mapping[str, str] = os.environ) -> list[str]:
 
         otel.exporter_class(chosen)
     except ImportError as exc:
+        if exc.name is not None and _present(exc.name):
+            return [
+                f"{endpoint} is set but OpenTelemetry does not import ({exc}): xds-protos ships an older "
+                "copy of opentelemetry/proto; reinstall opentelemetry-proto's own files last: "
+                "pip install --force-reinstall --no-deps opentelemetry-proto"
+            ]
         return [f"{endpoint} is set but OpenTelemetry is not installed ({exc.name}): pip install 'authsvc[otel]'"]
     return []
+
+
+def _present(module: str) -> bool:
+    """Whether ``module`` is installed (it may still fail to import)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 @contextlib.asynccontextmanager

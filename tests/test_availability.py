@@ -34,7 +34,7 @@ from authsvc.dev.procs import ServerProcess, child_env, free_port, health_check,
 from authsvc_client import AuthsvcClient
 from authsvc_client.v1 import authsvc_pb2, authsvc_pb2_grpc
 from bench.availability import deliver_updates, fail_point, run_until, simulate_election, verify_load
-from service.database import DURABLE, GRPC_DEFAULTS, client_options, make_client
+from service.database import DURABLE, GRPC_DEFAULTS, client_options, make_client, open_database
 from service.embedded import EmbeddedMongo
 from service.roles import Role
 from service.settings import Settings
@@ -477,3 +477,20 @@ async def test_refused_credentials_exit_2_at_once_and_sync_still_needs_the_datab
     assert "hunter22" not in err
     assert sync_code == 2, sync_err
     assert sync_err.count("\n") == 1 and sync_err.startswith("authsvc: cannot reach MongoDB at 127.0.0.1:"), sync_err
+
+
+# --- shutdown during an outage ----------------------------------------------------------------------------
+async def test_closing_the_database_while_it_is_down_does_not_wait_for_it(tmp_path: Path) -> None:
+    """A SIGTERM during an outage: the client's goodbye (ending sessions, killing cursors) cannot reach
+    the server, and must not hold shutdown for the driver's server-selection timeout (10 s)."""
+    mongo = EmbeddedMongo(tmp_path / "mongo")
+    await mongo.start()
+    database = await open_database(Settings(mongodb_uri=mongo.uri, data_dir=tmp_path))
+    try:
+        stream = await database.db["users"].watch(max_await_time_ms=100)
+        await stream.try_next()  # an open cursor and a session for the client to end at close
+        await asyncio.to_thread(mongo.stop)
+        started = time.monotonic()
+    finally:
+        await database.close()
+    assert time.monotonic() - started < 3.0

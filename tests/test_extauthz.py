@@ -20,7 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
-from service.database import durable_write_concern, make_client
+from service.database import GRPC_DEFAULTS, durable_write_concern, make_client
 from service.embedded import EmbeddedMongo
 from service.roles import Role
 from service.settings import Settings
@@ -245,7 +245,7 @@ async def test_unimplemented_when_off(settings: Settings, store: UserStore, issu
 async def test_database_down_is_unavailable(settings: Settings, issuer: LocalIssuer, tmp_path: Path) -> None:
     mongo = EmbeddedMongo(tmp_path / "private-mongo")
     await mongo.start()
-    client = make_client(mongo.uri)
+    client = make_client(mongo.uri, defaults=GRPC_DEFAULTS)  # as the gRPC server runs
     try:
         store = UserStore(client["authsvc"], write_concern=await durable_write_concern(client))
         async with serve(settings, store, issuer, ext_authz=True) as h:

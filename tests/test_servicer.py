@@ -25,7 +25,7 @@ from authsvc.dev.procs import health_check
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 from service.access import RoleAdmin
-from service.database import durable_write_concern, make_client
+from service.database import GRPC_DEFAULTS, durable_write_concern, make_client
 from service.embedded import EmbeddedMongo
 from service.revocations import RevokedSessions
 from service.roles import Role
@@ -551,7 +551,7 @@ async def test_health_follows_the_database(
 ) -> None:
     mongo = EmbeddedMongo(tmp_path / "private-mongo")
     await mongo.start()
-    client = make_client(mongo.uri)
+    client = make_client(mongo.uri, defaults=GRPC_DEFAULTS)  # as the gRPC server runs
     try:
         store = UserStore(client["authsvc"], write_concern=await durable_write_concern(client))
         async with serve(settings, store, issuer, health_interval_s=0.1, stale_s=1) as h:

@@ -498,3 +498,47 @@ async def test_an_unreachable_collector_delays_shutdown_by_at_most_the_flush_bou
     began = time.monotonic()
     assert process.stop(timeout_s=60) == 0
     assert time.monotonic() - began < FLUSH_S + 3.0, process.tail()
+
+
+def test_otlp_protos_that_do_not_import_are_named_as_a_broken_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import otel
+
+    module = "opentelemetry.proto.common.v1.common_pb2"
+
+    def clobbered(protocol: str) -> type:
+        raise ImportError(f"cannot import name 'InstrumentationScope' from '{module}'", name=module)
+
+    monkeypatch.setattr(otel, "exporter_class", clobbered)
+    [problem] = tracing.problems({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"})
+    assert "does not import" in problem and "InstrumentationScope" in problem
+    assert "pip install --force-reinstall --no-deps opentelemetry-proto" in problem
+
+    def absent(protocol: str) -> type:
+        raise ImportError("No module named 'opentelemetry.exporter.nothing'", name="opentelemetry.exporter.nothing")
+
+    monkeypatch.setattr(otel, "exporter_class", absent)
+    assert tracing.problems({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}) == [
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed "
+        "(opentelemetry.exporter.nothing): pip install 'authsvc[otel]'"
+    ]
+
+
+def test_the_otlp_protos_on_disk_are_opentelemetry_protos() -> None:
+    """xds-protos (the envoy extra) ships an older copy of opentelemetry/proto; opentelemetry-proto's must win.
+
+    Which one a fresh install leaves depends on pip's install order; with
+    xds-protos's, the OTLP exporters do not import and tracing cannot start.
+    """
+    import base64
+    import importlib.metadata
+
+    proto = importlib.metadata.distribution("opentelemetry-proto")
+    checked = 0
+    for record in proto.files or []:
+        if record.hash is None or not str(record).endswith("_pb2.py"):
+            continue
+        digest = hashlib.new(record.hash.mode, Path(str(proto.locate_file(record))).read_bytes()).digest()
+        expected = base64.urlsafe_b64decode(record.hash.value + "=" * (-len(record.hash.value) % 4))
+        assert digest == expected, f"{record} is not opentelemetry-proto's own: reinstall it (make install does)"
+        checked += 1
+    assert checked >= 10
