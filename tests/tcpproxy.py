@@ -26,6 +26,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @property
     def address(self) -> str:
@@ -36,6 +37,7 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        self._closed = True
         await self._stop_listening()
         self._reset_all()
         self._open.set()
@@ -74,11 +76,24 @@ class TcpProxy:
         self._writers.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The handler is tracked like the pumps, and a connection whose upstream opened after close()
+        # is closed at once: nothing outlives the proxy unclosed.
         self.accepted += 1
+        this = asyncio.current_task()
+        if this is not None:
+            self._tasks.add(this)
+            this.add_done_callback(self._tasks.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
+            return
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        if self._closed:
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
         for source, sink in ((reader, up_writer), (up_reader, writer)):
