@@ -69,18 +69,17 @@ def parse(path: Path) -> Parsed:
 
 
 def paragraphs(lines: list[tuple[int, str]]) -> Iterator[tuple[int, str]]:
-    """Consecutive prose lines joined, so that a code span or link broken over two lines is one."""
-    start, chunk = 0, []
+    """Runs of adjacent non-blank prose lines, joined, so that a code span or link broken over two lines is one."""
+    start = 0
+    chunk: list[str] = []
     for number, line in [*lines, (0, "")]:
-        contiguous = not chunk or number == start + len(chunk)
-        if line.strip() and contiguous:
-            if not chunk:
-                start = number
+        if line.strip() and (not chunk or number == start + len(chunk)):
+            start = number if not chunk else start
             chunk.append(line)
             continue
         if chunk:
             yield start, "\n".join(chunk)
-        start, chunk = number, [line] if line.strip() else []
+        start, chunk = number, ([line] if line.strip() else [])
 
 
 def slug(heading: str) -> str:
@@ -117,7 +116,9 @@ def code_texts(path: Path) -> Iterator[tuple[int, str]]:
 def links(path: Path) -> Iterator[tuple[int, str]]:
     for number, paragraph in paragraphs(parse(path).prose):
         # Code spans hold no links, but a link's text may be a code span: blank the span, keep its place.
-        text = CODE_SPAN.sub(lambda m: "x" * len(m.group(0).replace("\n", "")) + "\n" * m.group(0).count("\n"), paragraph)
+        text = CODE_SPAN.sub(
+            lambda m: "x" * len(m.group(0).replace("\n", "")) + "\n" * m.group(0).count("\n"), paragraph
+        )
         for match in LINK.finditer(text):
             yield number + text.count("\n", 0, match.start()), match.group(1)
 
@@ -180,7 +181,9 @@ def contract_settings() -> list[str]:
 
 def contract_reasons() -> list[str]:
     match = re.search(r"ErrorInfo` detail \(domain\s+`authsvc`, a reason:(.*?)\):", contract_section("gRPC API"), re.S)
-    assert match, "docs/design.md's gRPC API no longer lists the ErrorInfo reasons as '(domain `authsvc`, a reason: …):'"
+    assert match, (
+        "docs/design.md's gRPC API no longer lists the ErrorInfo reasons as '(domain `authsvc`, a reason: …):'"
+    )
     return re.findall(r"`([A-Z][A-Z0-9_]+)`", match.group(1))
 
 
@@ -197,7 +200,8 @@ def missing_from_guides(names: list[str]) -> list[str]:
 
 def test_every_relative_link_and_anchor_resolves() -> None:
     assert sum(1 for page in pages() for _ in links(page)) > 50, "the link parser found almost no links"
-    assert broken_links() == []
+    broken = broken_links()
+    assert not broken, "broken links and anchors:\n" + "\n".join(broken)
 
 
 def test_slugs_follow_githubs_rules() -> None:
@@ -218,7 +222,8 @@ def test_every_make_target_shown_exists() -> None:
         for match in MAKE.finditer(code)
     ]
     assert len(shown) > 10, "the make parser found almost no make commands"
-    assert [f"{where}: make {target}" for where, target in shown if target not in targets] == []
+    unknown = [f"{where}: make {target}" for where, target in shown if target not in targets]
+    assert not unknown, "make targets the Makefile does not define:\n" + "\n".join(unknown)
 
 
 def test_every_authsvc_command_and_option_shown_exists() -> None:
@@ -238,9 +243,11 @@ def test_every_authsvc_command_and_option_shown_exists() -> None:
                 elif word not in commands:
                     offenders.append(f"{where} (no command {word})")
                 else:
-                    offenders += [f"{where} (no option {opt})" for opt in OPTION.findall(rest) if opt not in commands[word]]
+                    offenders += [
+                        f"{where} (no option {opt})" for opt in OPTION.findall(rest) if opt not in commands[word]
+                    ]
     assert shown > 20, "the command parser found almost no authsvc commands"
-    assert offenders == []
+    assert not offenders, "authsvc commands or options the CLI does not have:\n" + "\n".join(offenders)
 
 
 def test_every_setting_reason_and_metric_of_the_contract_is_in_a_guide() -> None:
@@ -255,7 +262,8 @@ def test_every_setting_reason_and_metric_of_the_contract_is_in_a_guide() -> None
         "reasons": missing_from_guides(reasons),
         "metrics": missing_from_guides(metrics),
     }
-    assert missing == {"settings": [], "reasons": [], "metrics": []}
+    gaps = [f"{kind}: {name}" for kind, names in missing.items() for name in names]
+    assert not gaps, "named in docs/design.md but in no guide:\n" + "\n".join(gaps)
 
 
 def test_the_readme_is_short_and_self_contained() -> None:
