@@ -32,7 +32,7 @@ _OP_MSG = 2013
 Document = dict[str, Any]
 
 # authsvc's choices where MONGODB_URI says nothing, measured through a simulated election
-# (bench/availability.py; the numbers are in README.md, "Availability"):
+# (bench/availability.py; the numbers are in docs/operations.md, "Availability"):
 DEFAULTS: dict[str, Any] = {
     # A write waits this long for a primary: long enough to ride out an election (typically
     # under 12 s) inside the 15 s Svix gives a delivery, so a failover is not a 503. Reads on the

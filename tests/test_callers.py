@@ -507,7 +507,7 @@ async def test_reflection_can_be_turned_off(settings: Settings, store: UserStore
             *("-plaintext", "-import-path", str(protos), "-proto", "authsvc/v1/authsvc.proto"),
             *("-d", json.dumps({"external_id": USER}), h.target, "authsvc.v1.AuthService/GetUser"),
         )
-        assert code == 0 and USER in out, (out, err)  # the README's way without reflection
+        assert code == 0 and USER in out, (out, err)  # the way docs/api.md gives without reflection
         reflect = raw_grpc.stream_stream(h.channel, raw_grpc.REFLECTION)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await reflect(iter([b""])).read()

@@ -1,4 +1,4 @@
-"""The shipped Envoy configuration parses as Envoy's own Bootstrap message and says what the README says."""
+"""The shipped Envoy configuration parses as Envoy's own Bootstrap message and says what docs/api.md says."""
 
 from __future__ import annotations
 
