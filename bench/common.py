@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
+from authsvc.dev.issuer import DevIssuer, jwks_routes
 from bench import profiles
-from service.embedded import EmbeddedMongo
+from service.embedded import EmbeddedMongo, free_port
 
 CTX = multiprocessing.get_context("spawn")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -202,6 +205,17 @@ async def private_mongo(directory: Path) -> AsyncIterator[EmbeddedMongo]:
         yield mongo
     finally:
         mongo.stop()
+
+
+async def serve_jwks(issuer: DevIssuer) -> tuple[web.AppRunner, str]:
+    """The dev issuer's JWKS on a loopback port: the runner to clean up, and the issuer URL that names it."""
+    port = free_port()
+    app = web.Application()
+    app.add_routes(jwks_routes(issuer))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager

@@ -38,14 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
-from authsvc.dev.issuer import DevIssuer, jwks_routes
+from authsvc.dev.issuer import DevIssuer
 from authsvc.dev.otlp import OtlpReceiver
 from authsvc.dev.procs import ServerProcess, child_env, printed
 from authsvc_client.v1 import authsvc_pb2
-from bench.common import Figure, Spread, median_figure, pair_ratios, private_mongo, ratio_line, workdir
+from bench.common import Figure, Spread, median_figure, pair_ratios, private_mongo, ratio_line, serve_jwks, workdir
 from bench.verify import AZP, DB, SUBJECT, Server, drive, grpc_frame, handled, seed, wait_serving
 from service.embedded import free_port
 
@@ -78,13 +77,7 @@ async def run(
     notes: list[str] = []
     with workdir("authsvc-bench-tracing-") as tmp:
         issuer = DevIssuer.load_or_create(tmp / "issuer")
-        jwks_port = free_port()
-        issuer_url = f"http://127.0.0.1:{jwks_port}"
-        app = web.Application()
-        app.add_routes(jwks_routes(issuer))
-        jwks = web.AppRunner(app, access_log=None)
-        await jwks.setup()
-        await web.TCPSite(jwks, "127.0.0.1", jwks_port).start()
+        jwks, issuer_url = await serve_jwks(issuer)
         token = issuer.mint(SUBJECT, issuer=issuer_url, azp=AZP, ttl_s=3600)
         body = tmp / "request.grpc"
         body.write_bytes(grpc_frame(authsvc_pb2.VerifyTokenRequest(token=token).SerializeToString()))

@@ -33,11 +33,10 @@ from typing import Any
 
 import aiohttp
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from authsvc.dev.issuer import DevIssuer, jwks_routes
+from authsvc.dev.issuer import DevIssuer
 from authsvc.dev.procs import ServerProcess, child_env, health_check
 from authsvc_client.v1 import authsvc_pb2
 from bench import profiles
@@ -50,6 +49,7 @@ from bench.common import (
     private_mongo,
     ratio_line,
     sample_groups,
+    serve_jwks,
     workdir,
 )
 from service.database import durable_write_concern, make_client
@@ -187,13 +187,7 @@ async def run(
     notes: list[str] = []
     with workdir("authsvc-bench-verify-") as tmp:
         issuer = DevIssuer.load_or_create(tmp / "issuer")
-        jwks_port = free_port()
-        issuer_url = f"http://127.0.0.1:{jwks_port}"
-        app = web.Application()
-        app.add_routes(jwks_routes(issuer))
-        jwks = web.AppRunner(app, access_log=None)
-        await jwks.setup()
-        await web.TCPSite(jwks, "127.0.0.1", jwks_port).start()
+        jwks, issuer_url = await serve_jwks(issuer)
         token = issuer.mint(SUBJECT, issuer=issuer_url, azp=AZP, ttl_s=3600)
         request = authsvc_pb2.VerifyTokenRequest(token=token).SerializeToString()
         body = tmp / "request.grpc"

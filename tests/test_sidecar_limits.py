@@ -38,7 +38,7 @@ from tests.conftest import WEBHOOK_SECRET
 from tests.sidecar import Sender, fixture
 from tests.test_hostile_webhook import assert_no_error_logged
 from webhook.body import decode
-from webhook.limits import Limits
+from webhook.limits import Limits, quiet_accept_errors
 from webhook.main import sidecar
 
 
@@ -434,6 +434,35 @@ async def test_running_out_of_descriptors_is_one_warning_not_a_flood(
             assert response.status == 200
     lines = [r for r in caplog.records if "system resource" in r.getMessage() or "descriptors" in r.getMessage()]
     assert [(r.levelno, r.exc_info) for r in lines] == [(logging.WARNING, None)]
+    assert_no_error_logged(caplog)
+
+
+async def test_stopping_just_after_running_out_of_descriptors_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    # asyncio retries a failed accept a second later, even once its server is closed: the retry on
+    # the closed socket must not become an error-level traceback of a sidecar that is stopping.
+    caplog.set_level(logging.INFO)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with quiet_accept_errors():
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CONNECT_40, str(port), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        assert child.stdin is not None and child.stdout is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 3, hard))
+        try:
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+            assert await asyncio.wait_for(child.stdout.readline(), 10) == b"open\n"
+            await asyncio.sleep(0.2)
+            assert any("out of file descriptors" in r.getMessage() for r in caplog.records)
+            server.close()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await server.wait_closed()
+    child.stdin.close()
+    await child.wait()
+    await asyncio.sleep(1.5)  # past asyncio's retry of the accept
     assert_no_error_logged(caplog)
 
 

@@ -30,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import resource
 import time
+from asyncio.constants import ACCEPT_RETRY_DELAY
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -274,23 +276,40 @@ def quiet_accept_errors() -> Iterator[None]:
 
     asyncio logs each failed accept (EMFILE, ENFILE…) at error level with a
     traceback, and retries a second later: out of descriptors, a line a
-    second. Everything else goes to the loop's previous handler.
+    second. The retry is not cancelled when its server closes, so a sidecar
+    stopping within that second would log the retry on its closed socket as an
+    error: that is a debug line, and the handler stays until the retries have
+    run. Everything else goes to the loop's previous handler.
     """
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
     out = Occasional("out of file descriptors: new connections wait")
+    last_failure = -math.inf
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+        nonlocal last_failure
+        message = str(context.get("message", ""))
+        if message.startswith("socket.accept() out of system resource"):
+            last_failure = loop.time()
             exc = context.get("exception")
             out.warn(error=exc.strerror if isinstance(exc, OSError) else None)
+        elif message.startswith("Exception in callback") and "._start_serving(" in message:
+            log.debug("a retried accept found its listener closed", extra=fields(error=str(context.get("exception"))))
         elif previous is not None:
             previous(loop, context)
         else:
             loop.default_exception_handler(context)
 
+    def restore() -> None:
+        if loop.get_exception_handler() is handler:
+            loop.set_exception_handler(previous)
+
     loop.set_exception_handler(handler)
     try:
         yield
     finally:
-        loop.set_exception_handler(previous)
+        pending = last_failure + ACCEPT_RETRY_DELAY - loop.time()
+        if pending > 0:
+            loop.call_later(pending + 0.1, restore)
+        else:
+            restore()
