@@ -22,6 +22,7 @@ from service.settings import Settings
 from service.users import UserStore
 from tests.conftest import WEBHOOK_SECRET, open_test_database
 from tests.sidecar import Sender, fixture, start_sidecar
+from tests.test_metrics import grew, samples
 from webhook.events import parse_event, profile_from_event
 from webhook.main import sidecar
 
@@ -373,8 +374,14 @@ async def test_database_outage_answers_503_then_retry_applies(outage: Outage) ->
         assert (await sender.post(fixture("user.created", id="user_before")))[0] == 200
         outage.mongo.stop()
         during = fixture("user.created", id="user_during")
+        before = samples()
         status, _ = await asyncio.wait_for(sender.post(during, msg_id="msg_during"), timeout=15)
         assert status == 503
+        # Counted as the database's failure, not as a rejected delivery (a 4xx: a wrong secret, a bad body).
+        after = samples()
+        counted = "authsvc_webhook_deliveries_total"
+        assert grew(before, after, counted, type="user.created", outcome="unavailable") == 1
+        assert grew(before, after, counted, outcome="rejected") == 0
         async with sender.session.get(sender.url.rsplit("/", 1)[0] + "/readyz") as r:
             assert r.status == 503
         await outage.mongo.start()

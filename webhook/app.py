@@ -57,7 +57,9 @@ async def receive(request: web.Request) -> web.Response:
     except AuthError as exc:
         status = status_of(exc)[1]
         payload = {"error": str(exc)}
-        line.update(outcome="rejected", reason=exc.reason, error=str(exc))
+        # A 4xx is the delivery's fault (Svix gives up on it in the end); a 503 the database's (Svix retries).
+        refused = "unavailable" if status == HTTPStatus.SERVICE_UNAVAILABLE else "rejected"
+        line.update(outcome=refused, reason=exc.reason, error=str(exc))
     except BodyTimeout as exc:
         status, payload = HTTPStatus.REQUEST_TIMEOUT, {"error": str(exc)}
         line.update(outcome="rejected", error=str(exc))
