@@ -198,6 +198,7 @@ class Settings(BaseModel):
         False,
         alias="AUTHSVC_ACCEPT_PENDING_SESSIONS",
         description="true: accept tokens whose sts claim is pending (else SESSION_PENDING)",
+        json_schema_extra={"shown": "false"},
     )
     setrole_max_factor_age_min: int = Field(
         0,
@@ -395,8 +396,13 @@ def describe(names: Iterable[str]) -> list[tuple[str, str, str]]:
     for name in names:
         field = Settings.model_fields[name]
         default = field.default
-        if isinstance(default, bool):
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "shown" in extra:  # a switch the contract writes as true/false rather than on/off
+            shown = str(extra["shown"])
+        elif isinstance(default, bool):
             shown = "on" if default else "off"
+        elif isinstance(default, float):
+            shown = f"{default:g}"
         else:
             shown = "unset" if default in (None, ()) else str(default)
         rows.append((ALIASES[name], shown, field.description or ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,16 @@ def test_describe_shows_switches_as_on_and_off() -> None:
         ("MONGODB_URI", "unset", Settings.model_fields["mongodb_uri"].description),
         ("AUTHSVC_DATA_DIR", ".data", Settings.model_fields["data_dir"].description),
     ]
+
+
+def test_help_shows_each_default_as_the_contract_writes_it() -> None:
+    # Every row of the contract's settings table whose default is one literal (`2`, `false`, `0` (off)):
+    # `authsvc CMD --help` shows that literal, so an operator reads the same value in both.
+    design = (Path(__file__).parent.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    written = dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]+)`(?: \(off\))? \|", design, re.MULTILINE))
+    shown = {variable: default for variable, default, _ in describe(Settings.model_fields)}
+    assert len(written) >= 20
+    assert {v: (d, shown.get(v)) for v, d in written.items() if shown.get(v) != d} == {}
 
 
 @pytest.mark.parametrize("value", ["prod", "staging", "dev", "productoin"])
