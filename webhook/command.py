@@ -16,7 +16,7 @@ async def _serve(settings: Settings) -> None:
 WEBHOOK = Command(
     name="webhook",
     brief="serve the Clerk webhook sidecar on AUTHSVC_WEBHOOK_ADDR",
-    summary="Serve the Clerk webhook sidecar (Svix-signed user.* and session.created events) on AUTHSVC_WEBHOOK_ADDR.",
+    summary="Serve the Clerk webhook sidecar (Svix-signed user.* and session.* events) on AUTHSVC_WEBHOOK_ADDR.",
     reads=(
         *DATABASE,
         "webhook_secrets",

@@ -80,7 +80,8 @@ authsvc dev is running (embedded database, development issuer; never use in prod
 
 In another terminal (from the repository: source .venv/bin/activate):
 
-  authsvc dev-webhook user.created --id user_1 --role superadmin --email ada@example.com --first-name Ada
+  authsvc dev-webhook user.created --id user_1 --role superadmin --email ada@example.com \\
+      --first-name Ada --last-name Lovelace
   authsvc dev-webhook user.created --id user_2 --role staff
   TOKEN=$(authsvc dev-token user_1)
 
