@@ -410,26 +410,34 @@ sys.stdin.read()
 """
 
 
+@contextlib.asynccontextmanager
+async def out_of_descriptors(port: int) -> AsyncIterator[None]:
+    """Inside the block this process may open 3 more descriptors, and a child process holds 40 connections
+    to ``port`` that the listener keeps failing to accept. On leaving: the limit back, then the child gone."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CONNECT_40, str(port), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdin is not None and child.stdout is not None
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 3, hard))
+    try:
+        child.stdin.write(b"go\n")
+        await child.stdin.drain()
+        assert await asyncio.wait_for(child.stdout.readline(), 10) == b"open\n"
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        child.stdin.close()
+        await child.wait()
+
+
 async def test_running_out_of_descriptors_is_one_warning_not_a_flood(
     settings: Settings, store: UserStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     async with sidecar(settings, store) as port, aiohttp.ClientSession() as session:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", CONNECT_40, str(port), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
-        )
-        assert child.stdin is not None and child.stdout is not None
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 3, hard))
-        try:
-            child.stdin.write(b"go\n")
-            await child.stdin.drain()
-            assert await asyncio.wait_for(child.stdout.readline(), 10) == b"open\n"
+        async with out_of_descriptors(port):
             await asyncio.sleep(2.5)  # asyncio tries to accept again every second
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        child.stdin.close()
-        await child.wait()
         async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
             assert response.status == 200
     lines = [r for r in caplog.records if "system resource" in r.getMessage() or "descriptors" in r.getMessage()]
@@ -441,27 +449,13 @@ async def test_stopping_just_after_running_out_of_descriptors_logs_no_error(capl
     # asyncio retries a failed accept a second later, even once its server is closed: the retry on
     # the closed socket must not become an error-level traceback of a sidecar that is stopping.
     caplog.set_level(logging.INFO)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with quiet_accept_errors():
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", CONNECT_40, str(port), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
-        )
-        assert child.stdin is not None and child.stdout is not None
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 3, hard))
-        try:
-            child.stdin.write(b"go\n")
-            await child.stdin.drain()
-            assert await asyncio.wait_for(child.stdout.readline(), 10) == b"open\n"
+        async with out_of_descriptors(server.sockets[0].getsockname()[1]):
             await asyncio.sleep(0.2)
             assert any("out of file descriptors" in r.getMessage() for r in caplog.records)
             server.close()
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     await server.wait_closed()
-    child.stdin.close()
-    await child.wait()
     await asyncio.sleep(1.5)  # past asyncio's retry of the accept
     assert_no_error_logged(caplog)
 
