@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from aiohttp import web
 
-from authsvc.dev.issuer import DevIssuer, jwks_routes
+from authsvc.dev.issuer import DevIssuer
 from authsvc.dev.procs import ServerProcess, child_env
 from authsvc_client.v1 import authsvc_pb2
-from bench.common import private_mongo, workdir
+from bench.common import private_mongo, serve_jwks, workdir
 from bench.verify import METHOD, Server, wait_serving
 from service.database import durable_write_concern, make_client
 from service.embedded import free_port
@@ -123,14 +122,8 @@ async def run(*, calls: int = 1_000_000, distinct: int = 100_000, steps: int = 1
     loop = asyncio.get_running_loop()
     with workdir("authsvc-bench-memory-") as tmp:
         issuer_dir = tmp / "issuer"
-        DevIssuer.load_or_create(issuer_dir)
-        jwks_port, port = free_port(), free_port()
-        issuer_url = f"http://127.0.0.1:{jwks_port}"
-        app = web.Application()
-        app.add_routes(jwks_routes(DevIssuer.load_or_create(issuer_dir)))
-        jwks = web.AppRunner(app, access_log=None)
-        await jwks.setup()
-        await web.TCPSite(jwks, "127.0.0.1", jwks_port).start()
+        jwks, issuer_url = await serve_jwks(DevIssuer.load_or_create(issuer_dir))
+        port = free_port()
         paths = [str(tmp / f"requests{c}.hex") for c in range(CLIENTS)]
         bounds = [distinct * c // CLIENTS for c in range(CLIENTS + 1)]
         with CTX.Pool(CLIENTS) as pool:
