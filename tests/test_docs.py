@@ -161,8 +161,14 @@ def subcommands() -> dict[str, set[str]]:
     return found
 
 
+def table_rows(section: str) -> list[list[str]]:
+    """The cells of each row of the tables in ``section``, header rows included, stripped."""
+    rows = [row for row in section.splitlines() if row.startswith("| ") and not row.startswith("| ---")]
+    return [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
+
+
 def table_first_cells(section: str) -> list[str]:
-    return [row.split("|")[1] for row in section.splitlines() if row.startswith("| ") and not row.startswith("| ---")]
+    return [row[0] for row in table_rows(section)]
 
 
 def contract_section(title: str) -> str:
@@ -172,10 +178,15 @@ def contract_section(title: str) -> str:
     return match.group(1)
 
 
+def contract_setting_rows() -> list[list[str]]:
+    """The rows of the contract's settings table (name, default, meaning), without its header."""
+    return table_rows(contract_section("Settings"))[1:]
+
+
 def contract_settings() -> list[str]:
     names: list[str] = []
-    for cell in table_first_cells(contract_section("Settings"))[1:]:  # [0] is the header row
-        names += re.findall(r"`([A-Z][A-Z0-9_]+)`", cell)
+    for row in contract_setting_rows():
+        names += re.findall(r"`([A-Z][A-Z0-9_]+)`", row[0])
     return names
 
 

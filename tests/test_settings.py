@@ -9,6 +9,7 @@ import pytest
 
 from service.settings import Settings, SettingsError, describe, load
 from tests.conftest import WEBHOOK_SECRET
+from tests.test_docs import contract_setting_rows
 
 
 def test_defaults_match_the_design() -> None:
@@ -135,8 +136,12 @@ def test_describe_shows_switches_as_on_and_off() -> None:
 def test_help_shows_each_default_as_the_contract_writes_it() -> None:
     # Every row of the contract's settings table whose default is one literal (`2`, `false`, `0` (off)):
     # `authsvc CMD --help` shows that literal, so an operator reads the same value in both.
-    design = (Path(__file__).parent.parent / "docs" / "design.md").read_text(encoding="utf-8")
-    written = dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]+)`(?: \(off\))? \|", design, re.MULTILINE))
+    one_name, one_literal = re.compile(r"`([A-Z_]+)`"), re.compile(r"`([^`]+)`(?: \(off\))?")
+    written = {}
+    for name, default, *_ in contract_setting_rows():
+        named, literal = one_name.fullmatch(name), one_literal.fullmatch(default)
+        if named and literal:
+            written[named[1]] = literal[1]
     shown = {variable: default for variable, default, _ in describe(Settings.model_fields)}
     assert len(written) >= 20
     assert {v: (d, shown.get(v)) for v, d in written.items() if shown.get(v) != d} == {}
